@@ -1,0 +1,89 @@
+"""Multi-head dot-product attention in the flax layout (plain version; fused kernel elsewhere).
+
+Matches flax `dot_product_attention` as the official `MultiHeadDotProductAttention` calls it:
+`q = q / sqrt(K)`, `a = softmax_k(einsum('bqhd,bkhd->bhqk', q, k))`, optional dropout on `a`
+(one mask entry per weight, `broadcast_dropout=False` as in the ViT encoder block),
+`o = einsum('bhqk,bkhd->bqhd', a, v)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from minivit.autograd import Function, Tensor
+
+
+class DotProductAttention(Function):
+    """softmax(q k^T / sqrt(K)) v per head, the weights optionally dropped out.
+
+    Shapes: q (B, Nq, NH, K), k and v (B, Nk, NH, K) -> o (B, Nq, NH, K)
+    """
+
+    def __init__(self, dropout_rate: float = 0.0, rng: np.random.Generator | None = None):
+        self.dropout_rate = dropout_rate
+        self.rng = rng
+
+    def _check(self, q, k, v):
+        same_heads = q.ndim == 4 and (q.shape[0], *q.shape[2:]) == (k.shape[0], *k.shape[2:])
+        if k.ndim != 4 or k.shape != v.shape or not same_heads:
+            raise self.shape_error(
+                f"q {q.shape}, k {k.shape} and v {v.shape} must be (B, N, NH, K) with the same "
+                "B, NH and K, and k and v of one shape"
+            )
+
+    def _dropout_mask(self, xp, shape, dtype):
+        """The keep mask scaled by 1/keep, or None when no dropout applies."""
+        if self.dropout_rate == 0.0:
+            return None
+        keep = 1.0 - self.dropout_rate
+        mask = xp.asarray(self.rng.random(shape, dtype=np.float32) < keep).astype(dtype)
+        return mask * (1.0 / keep if keep > 0 else 0.0)
+
+    def forward(self, xp, q, k, v):
+        self._check(q, k, v)
+        heads = [xp.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in (q, k, v)]  # BLAS-ready
+        qh = heads[0] / math.sqrt(q.shape[-1])  # (B, NH, Nq, K)
+        kh, vh = heads[1:]  # (B, NH, Nk, K) each
+        logits = qh @ kh.transpose(0, 1, 3, 2)  # (B, NH, Nq, Nk)
+        weights = xp.exp(logits - logits.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        mask = self._dropout_mask(xp, weights.shape, weights.dtype)
+        dropped = weights if mask is None else weights * mask
+        self.save(qh, kh, vh, weights, mask, dropped)
+        return (dropped @ vh).transpose(0, 2, 1, 3)  # (B, Nq, NH, K)
+
+    def backward(self, xp, gy):
+        qh, kh, vh, weights, mask, dropped = self.saved
+        go = xp.ascontiguousarray(gy.transpose(0, 2, 1, 3))  # (B, NH, Nq, K)
+        gv = dropped.transpose(0, 1, 3, 2) @ go if self.needs_grad[2] else None  # (B, NH, Nk, K)
+        gq = gk = None
+        if self.needs_grad[0] or self.needs_grad[1]:
+            gw = go @ vh.transpose(0, 1, 3, 2)  # (B, NH, Nq, Nk)
+            if mask is not None:
+                gw *= mask
+            glogits = weights * (gw - (gw * weights).sum(axis=-1, keepdims=True))
+            if self.needs_grad[0]:
+                gq = (glogits @ kh) / math.sqrt(qh.shape[-1])  # (B, NH, Nq, K)
+            if self.needs_grad[1]:
+                gk = glogits.transpose(0, 1, 3, 2) @ qh  # (B, NH, Nk, K)
+        return tuple(None if g is None else g.transpose(0, 2, 1, 3) for g in (gq, gk, gv))
+
+
+def dot_product_attention(
+    q, k, v, dropout_rate: float = 0.0, rng: np.random.Generator | None = None
+) -> Tensor:
+    """Multi-head attention weights applied to v, flax layout; q is scaled by 1/sqrt(K) inside.
+
+    Shapes: q (B, Nq, NH, K), k and v (B, Nk, NH, K) -> (B, Nq, NH, K)
+    """
+    if not 0.0 <= dropout_rate <= 1.0:
+        raise ValueError(
+            f"dot_product_attention: dropout_rate must lie in [0, 1], got {dropout_rate}"
+        )
+    if dropout_rate > 0.0 and rng is None:
+        raise ValueError(
+            f"dot_product_attention: dropout_rate {dropout_rate} needs rng, a np.random.Generator"
+        )
+    return DotProductAttention(dropout_rate, rng)(q, k, v)

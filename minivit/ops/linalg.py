@@ -1,0 +1,117 @@
+"""Matrix products: `matmul` with broadcast batch axes and the flax `Dense` layer map.
+
+Products against a 2-D right operand (every Dense, every Mixer and attention projection) run as
+one GEMM on the rows of the left operand, forward and backward, so BLAS sees large matrices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minivit.autograd import Function, Tensor, as_tensor
+from minivit.ops.elementwise import as_dtype, float_dtype, sum_to_shape
+from minivit.ops.shape import reshape
+
+
+class MatMul(Function):
+    """a @ b over the last two axes; leading (batch) axes broadcast.
+
+    Shapes: a (..., M, K), b (..., K, N) -> y (..., M, N)
+    """
+
+    def forward(self, xp, a, b):
+        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+            raise self.shape_error(
+                f"cannot multiply shapes {a.shape} and {b.shape}; "
+                "the last axis of a must equal the second-to-last axis of b"
+            )
+        try:
+            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise self.shape_error(
+                f"batch axes of shapes {a.shape} and {b.shape} do not broadcast"
+            ) from None
+        a, b = as_dtype((a, b), float_dtype(a.dtype, b.dtype))
+        self.save(a, b)
+        if b.ndim == 2:  # one GEMM on the rows of a
+            return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[1])
+        return a @ b
+
+    def backward(self, xp, gy):
+        a, b = self.saved
+        ga = gb = None
+        if b.ndim == 2:
+            gy_rows = gy.reshape(-1, gy.shape[-1])  # (R, N)
+            if self.needs_grad[0]:
+                ga = (gy_rows @ b.T).reshape(a.shape)  # (..., M, K)
+            if self.needs_grad[1]:
+                gb = a.reshape(-1, a.shape[-1]).T @ gy_rows  # (K, N)
+        else:
+            if self.needs_grad[0]:
+                ga = sum_to_shape(gy @ xp.swapaxes(b, -1, -2), a.shape)  # (..., M, K)
+            if self.needs_grad[1]:
+                gb = sum_to_shape(xp.swapaxes(a, -1, -2) @ gy, b.shape)  # (..., K, N)
+        return ga, gb
+
+
+class Dense(Function):
+    """Affine map over the last axis, in the flax `Dense` layout.
+
+    Shapes: x (..., I), kernel (I, O), bias (O,) -> y (..., O)
+    """
+
+    def forward(self, xp, x, kernel, *bias):
+        if kernel.ndim != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
+            raise self.shape_error(
+                f"input of shape {x.shape} does not fit kernel of shape {kernel.shape}; "
+                "the kernel must be (I, O) with I the input's last axis"
+            )
+        if bias and bias[0].shape != kernel.shape[1:]:
+            raise self.shape_error(
+                f"bias of shape {bias[0].shape} does not fit kernel of shape {kernel.shape}; "
+                f"it must be ({kernel.shape[1]},)"
+            )
+        x, kernel, *bias = as_dtype((x, kernel, *bias), float_dtype(x.dtype, kernel.dtype))
+        self.save(x, kernel)
+        y = x.reshape(-1, x.shape[-1]) @ kernel  # (R, O)
+        if bias:
+            y += bias[0]
+        return y.reshape(*x.shape[:-1], kernel.shape[1])
+
+    def backward(self, xp, gy):
+        x, kernel = self.saved
+        gy_rows = gy.reshape(-1, kernel.shape[1])  # (R, O)
+        grads = [None, None]
+        if self.needs_grad[0]:
+            grads[0] = (gy_rows @ kernel.T).reshape(x.shape)  # (..., I)
+        if self.needs_grad[1]:
+            grads[1] = x.reshape(-1, x.shape[-1]).T @ gy_rows  # (I, O)
+        if len(self.needs_grad) == 3:
+            grads.append(gy_rows.sum(axis=0) if self.needs_grad[2] else None)  # (O,)
+        return tuple(grads)
+
+
+def matmul(a, b) -> Tensor:
+    """Matrix product with NumPy semantics, 1-D operands included.
+
+    Shapes: a (..., M, K) or (K,), b (..., K, N) or (K,) -> y (..., M, N), 1-D axes dropped
+    """
+    a, b = as_tensor(a), as_tensor(b, like=a)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"MatMul: cannot multiply shapes {a.shape} and {b.shape}; use mul")
+    a2 = reshape(a, (1, a.shape[0])) if a.ndim == 1 else a  # (1, K)
+    b2 = reshape(b, (b.shape[0], 1)) if b.ndim == 1 else b  # (K, 1)
+    y = MatMul()(a2, b2)
+    if b.ndim == 1:
+        y = reshape(y, y.shape[:-1])  # (..., M)
+    if a.ndim == 1:
+        y = reshape(y, y.shape[:-2] + y.shape[-1:] if b.ndim > 1 else y.shape[:-1])
+    return y
+
+
+def dense(x, kernel, bias=None) -> Tensor:
+    """x @ kernel + bias over the last axis (flax `nn.Dense`).
+
+    Shapes: x (..., I), kernel (I, O), bias (O,) or None -> y (..., O)
+    """
+    return Dense()(x, kernel) if bias is None else Dense()(x, kernel, bias)

@@ -1,0 +1,75 @@
+"""matmul and dense: values against einsum, gradients against finite differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gradcheck import check_grad
+
+from minivit import Tensor, ops
+
+RNG = np.random.default_rng(1)
+
+
+def randn(*shape):
+    return RNG.standard_normal(shape)
+
+
+@pytest.mark.parametrize(
+    "a_shape, b_shape",
+    [
+        ((3, 4), (4, 5)),  # plain
+        ((2, 3, 4), (4, 1)),  # batch on the left, 2-D right: one GEMM
+        ((1, 3, 4), (2, 4, 5)),  # broadcast batch axes
+        ((2, 1, 3, 5), (4, 5, 2)),  # size-1 and missing batch axes
+        ((4,), (4, 3)),  # 1-D left
+        ((2, 3, 4), (4,)),  # 1-D right
+        ((5,), (5,)),  # inner product
+    ],
+)
+def test_matmul_grad(a_shape, b_shape):
+    a, b = randn(*a_shape), randn(*b_shape)
+    y = ops.matmul(a, b)
+    np.testing.assert_allclose(y.data, np.matmul(a, b), rtol=1e-12, atol=1e-12)
+    check_grad(ops.matmul, a, b)
+
+
+def test_matmul_grad_non_contiguous():
+    a = randn(5, 3).T  # (3, 5), transposed view
+    b = randn(5, 8)[:, ::2]  # (5, 4), strided view
+    assert not a.flags.c_contiguous and not b.flags.c_contiguous
+    check_grad(ops.matmul, a, b)
+    check_grad(ops.matmul, randn(2, 5, 3).transpose(0, 2, 1), randn(2, 5, 4))
+
+
+@pytest.mark.parametrize("x_shape", [(7, 3), (2, 5, 3), (1, 1, 3), (3,)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dense_grad(x_shape, with_bias):
+    x, kernel, bias = randn(*x_shape), randn(3, 4), randn(4)
+    expected = np.einsum("...i,io->...o", x, kernel) + (bias if with_bias else 0.0)
+    if with_bias:
+        np.testing.assert_allclose(ops.dense(x, kernel, bias).data, expected, rtol=1e-12)
+        check_grad(ops.dense, x, kernel, bias)
+    else:
+        np.testing.assert_allclose(ops.dense(x, kernel).data, expected, rtol=1e-12)
+        check_grad(ops.dense, x, kernel)
+
+
+def test_dense_grad_non_contiguous_and_skips_frozen_inputs():
+    x = randn(4, 6, 3).transpose(1, 0, 2)  # (6, 4, 3) transposed
+    kernel = randn(5, 3).T  # (3, 5)
+    check_grad(ops.dense, x, kernel, randn(5))
+    xt, kt = Tensor(randn(2, 3)), Tensor(randn(3, 4), requires_grad=True)
+    ops.sum(ops.dense(xt, kt)).backward()
+    assert xt.grad is None and kt.grad.shape == (3, 4)
+
+
+def test_shape_errors_name_op_and_shapes():
+    with pytest.raises(ValueError, match=r"MatMul.*\(3, 4\).*\(5, 2\)"):
+        ops.matmul(randn(3, 4), randn(5, 2))
+    with pytest.raises(ValueError, match=r"MatMul.*\(2, 3, 4\).*\(3, 4, 5\)"):
+        ops.matmul(randn(2, 3, 4), randn(3, 4, 5))
+    with pytest.raises(ValueError, match=r"Dense.*\(2, 3\).*\(4, 5\)"):
+        ops.dense(randn(2, 3), randn(4, 5))
+    with pytest.raises(ValueError, match=r"Dense.*\(3,\).*\(4, 5\)"):
+        ops.dense(randn(2, 4), randn(4, 5), randn(3))
