@@ -261,6 +261,21 @@ def _topological_order(root: Tensor) -> list[Tensor]:
     return order[::-1]  # root first
 
 
+def _own(gy, leaf_memory: set[int]):
+    """`gy`, copied if its buffer already backs another leaf's gradient.
+
+    Backward functions may hand one array (or views of it) to several inputs; leaf gradients are
+    later scaled in place (clipping, all-reduce), so no two leaves may share memory.
+    """
+    base = gy
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    if id(base) in leaf_memory:
+        return gy.copy()
+    leaf_memory.add(id(base))
+    return gy
+
+
 def backward(root: Tensor, grad=None) -> None:
     """Reverse-mode sweep from `root`; leaves that require a gradient get it added to `.grad`.
 
@@ -275,12 +290,13 @@ def backward(root: Tensor, grad=None) -> None:
             raise ValueError(f"backward() without a gradient needs one element, got {root.shape}")
         grad = xp.ones(root.shape, dtype=root.dtype)
     pending = {id(root): grad}
+    leaf_memory: set[int] = set()  # buffers already handed out as a leaf's .grad
     for tensor in _topological_order(root):
         gy = pending.pop(id(tensor), None)
         creator = tensor.creator
         if creator is None:
             if gy is not None:
-                tensor.grad = gy if tensor.grad is None else tensor.grad + gy
+                tensor.grad = _own(gy, leaf_memory) if tensor.grad is None else tensor.grad + gy
             continue
         tensor.creator = None
         if gy is None:

@@ -90,3 +90,14 @@ def test_check_grad_rejects_a_wrong_backward():
         check_grad(lambda x: _WrongSquare()(x), RNG.standard_normal((3, 2)))
     with pytest.raises(AssertionError):  # too big for the element-wise pass: the direction alone
         check_grad(lambda x: _WrongSquare()(x), RNG.standard_normal((300,)), elementwise=0)
+
+
+def test_leaf_gradients_never_share_memory():
+    """Two leaves that receive the same upstream array get separate buffers (in-place safe)."""
+    a = Tensor(np.ones((2, 3), np.float32), requires_grad=True)
+    b = Tensor(np.ones((6,), np.float32), requires_grad=True)
+    y = ops.reshape(a, (6,)) * 1.0 + b  # Add may hand gy to both inputs
+    (y * y).sum().backward()
+    assert not np.shares_memory(a.grad, b.grad)
+    a.grad *= 0
+    np.testing.assert_array_equal(b.grad, np.full(6, 4.0, np.float32))
