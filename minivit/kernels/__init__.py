@@ -1,0 +1,48 @@
+"""Fused hot paths of a ViT step: LayerNorm, GELU, attention and softmax cross-entropy.
+
+Each kernel is one public function over raw arrays (no autograd) with three bodies: `*_ref`
+(plain NumPy, the spec), a Numba CPU body and a Numba CUDA body for CuPy arrays. The array type
+picks the body; `body="ref"|"cpu"|"gpu"` or `MINIVIT_KERNEL_BODY` forces one (see `_dispatch`).
+All take and return float32.
+"""
+
+from __future__ import annotations
+
+from minivit.kernels.attention import (
+    attention_backward,
+    attention_backward_ref,
+    attention_forward,
+    attention_forward_ref,
+)
+from minivit.kernels.gelu import gelu_backward, gelu_backward_ref, gelu_forward, gelu_forward_ref
+from minivit.kernels.layernorm import (
+    layernorm_backward,
+    layernorm_backward_ref,
+    layernorm_forward,
+    layernorm_forward_ref,
+)
+from minivit.kernels.xent import (
+    softmax_xent_backward,
+    softmax_xent_backward_ref,
+    softmax_xent_forward,
+    softmax_xent_forward_ref,
+)
+
+__all__ = [
+    "attention_backward",
+    "attention_backward_ref",
+    "attention_forward",
+    "attention_forward_ref",
+    "gelu_backward",
+    "gelu_backward_ref",
+    "gelu_forward",
+    "gelu_forward_ref",
+    "layernorm_backward",
+    "layernorm_backward_ref",
+    "layernorm_forward",
+    "layernorm_forward_ref",
+    "softmax_xent_backward",
+    "softmax_xent_backward_ref",
+    "softmax_xent_forward",
+    "softmax_xent_forward_ref",
+]

@@ -1,0 +1,92 @@
+"""Picking a kernel body, preparing its inputs, and keeping CPU threads from oversubscribing.
+
+Every kernel in this package has three bodies: `ref` (plain NumPy, the spec), `cpu` (Numba
+`njit(parallel=True)`) and `gpu` (Numba CUDA kernels launched on CuPy arrays through
+`__cuda_array_interface__`). `pick_body` chooses one: the `body=` argument wins, then the
+environment variable `MINIVIT_KERNEL_BODY`, then the array type (CuPy -> gpu, NumPy -> cpu).
+
+Threads: Numba's parallel regions and BLAS calls never run at the same time, except inside the
+attention bodies, which call BLAS (`np.dot`) from every Numba thread. There `blas_single_thread()`
+limits BLAS to one thread per caller (through threadpoolctl), so the two cores see two threads,
+not four. Numba itself uses `backend.num_threads()` threads, the same count BLAS is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import numba
+import numpy as np
+
+from minivit import backend
+
+BODIES = ("ref", "cpu", "gpu")
+BODY_ENV = "MINIVIT_KERNEL_BODY"
+
+
+def pick_body(kernel: str, array, body: str | None) -> str:
+    """Return the body to run: `body`, else $MINIVIT_KERNEL_BODY, else by the type of `array`."""
+    choice = body if body is not None else os.environ.get(BODY_ENV) or None
+    if choice is None:
+        return "gpu" if backend.on_gpu(array) else "cpu"
+    if choice not in BODIES:
+        source = "body=" if body is not None else f"${BODY_ENV}"
+        raise ValueError(
+            f"{kernel}: {source}{choice!r} is not a kernel body; use one of {', '.join(BODIES)}"
+        )
+    if choice == "cpu" and backend.on_gpu(array):
+        raise ValueError(f"{kernel}: the cpu body needs NumPy arrays; move them with to_host()")
+    return choice
+
+
+def float32_rows(xp, *arrays) -> list:
+    """Each array as a C-contiguous float32 array of module `xp` (no copy when already so)."""
+    return [xp.ascontiguousarray(a, dtype=np.float32) for a in arrays]
+
+
+def check_2d(kernel: str, name: str, array) -> None:
+    """Raise a one-sentence error unless `array` is 2-D (rows, features)."""
+    if array.ndim != 2:
+        raise ValueError(
+            f"{kernel}: {name} must be 2-D (rows, features) but has shape {tuple(array.shape)}; "
+            "reshape it to (-1, last_axis) first"
+        )
+
+
+@functools.cache
+def cpu_ready() -> None:
+    """Set Numba's thread count once per process: the cores minivit may use."""
+    numba.set_num_threads(max(1, min(backend.num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+@functools.cache
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+    except ImportError:
+        return None
+    import scipy.linalg.cython_blas  # noqa: F401, PLC0415  (the BLAS Numba's np.dot calls)
+
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def blas_single_thread():
+    """Limit BLAS to one thread per caller while Numba threads call it.
+
+    Without threadpoolctl this does nothing: results are the same, but BLAS may then start its
+    own threads inside each Numba thread and oversubscribe the cores.
+    """
+    controller = _blas_controller()
+    if controller is None:
+        yield
+        return
+    with controller.limit(limits=1, user_api="blas"):
+        yield
+
+
+def blocks(n: int, threads: int) -> int:
+    """Number of blocks of `threads` that cover `n` items (at least one)."""
+    return max(1, -(-n // threads))

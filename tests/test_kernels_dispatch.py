@@ -1,0 +1,44 @@
+"""Body selection: array type, the body= argument, MINIVIT_KERNEL_BODY, and bad choices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minivit.kernels import _dispatch, layernorm, layernorm_forward
+
+
+class _FakeGpuArray:
+    """Anything exposing __cuda_array_interface__ that is not a CuPy array counts as host."""
+
+    __cuda_array_interface__ = {}
+
+
+def test_numpy_arrays_get_the_cpu_body(monkeypatch):
+    monkeypatch.delenv(_dispatch.BODY_ENV, raising=False)
+    assert _dispatch.pick_body("k", np.zeros(2), None) == "cpu"
+    assert _dispatch.pick_body("k", _FakeGpuArray(), None) == "cpu"
+
+
+def test_argument_beats_environment(monkeypatch):
+    monkeypatch.setenv(_dispatch.BODY_ENV, "ref")
+    assert _dispatch.pick_body("k", np.zeros(2), None) == "ref"
+    assert _dispatch.pick_body("k", np.zeros(2), "cpu") == "cpu"
+
+
+def test_environment_routes_the_public_function(monkeypatch):
+    calls = []
+    monkeypatch.setattr(layernorm, "layernorm_forward_ref", lambda *a: calls.append(a) or a)
+    monkeypatch.setenv(_dispatch.BODY_ENV, "ref")
+    layernorm_forward(np.ones((2, 3), np.float32), np.ones(3), np.zeros(3))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("bad", ["numba", "CPU", "cuda"])
+def test_unknown_body_is_one_clear_sentence(monkeypatch, bad):
+    monkeypatch.delenv(_dispatch.BODY_ENV, raising=False)
+    with pytest.raises(ValueError, match="use one of ref, cpu, gpu"):
+        _dispatch.pick_body("layernorm_forward", np.zeros(2), bad)
+    monkeypatch.setenv(_dispatch.BODY_ENV, bad)
+    with pytest.raises(ValueError, match=r"\$MINIVIT_KERNEL_BODY"):
+        _dispatch.pick_body("layernorm_forward", np.zeros(2), None)
