@@ -8,6 +8,7 @@ All take and return float32.
 
 from __future__ import annotations
 
+from minivit.kernels._dispatch import fusable
 from minivit.kernels.attention import (
     attention_backward,
     attention_backward_ref,
@@ -29,6 +30,7 @@ from minivit.kernels.xent import (
 )
 
 __all__ = [
+    "fusable",
     "attention_backward",
     "attention_backward_ref",
     "attention_forward",

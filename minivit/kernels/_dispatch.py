@@ -41,6 +41,15 @@ def pick_body(kernel: str, array, body: str | None) -> str:
     return choice
 
 
+def fusable(*arrays) -> bool:
+    """True when the fused kernels apply: every array is float32.
+
+    The ops layer calls the kernels for float32 (the dtype of training and inference) and keeps
+    its plain array code for other dtypes, which the float64 gradient checks use.
+    """
+    return all(a.dtype == np.float32 for a in arrays)
+
+
 def float32_rows(xp, *arrays) -> list:
     """Each array as a C-contiguous float32 array of module `xp` (no copy when already so)."""
     return [xp.ascontiguousarray(a, dtype=np.float32) for a in arrays]

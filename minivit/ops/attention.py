@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from minivit import kernels
 from minivit.autograd import Function, Tensor
 
 
@@ -43,6 +44,8 @@ class DotProductAttention(Function):
 
     def forward(self, xp, q, k, v):
         self._check(q, k, v)
+        if self.dropout_rate == 0.0 and q.shape == k.shape and kernels.fusable(q, k, v):
+            return self._fused_forward(q, k, v)
         heads = [xp.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in (q, k, v)]  # BLAS-ready
         qh = heads[0] / math.sqrt(q.shape[-1])  # (B, NH, Nq, K)
         kh, vh = heads[1:]  # (B, NH, Nk, K) each
@@ -54,7 +57,18 @@ class DotProductAttention(Function):
         self.save(qh, kh, vh, weights, mask, dropped)
         return (dropped @ vh).transpose(0, 2, 1, 3)  # (B, Nq, NH, K)
 
+    def _fused_forward(self, q, k, v):
+        """FlashAttention-style kernel: keeps only o and the per-row log-sum-exp for backward."""
+        qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, NH, N, K) views
+        o, lse = kernels.attention_forward(qh, kh, vh)  # (B, NH, N, K), (B, NH, N)
+        self.save(qh, kh, vh, o, lse)
+        return o.transpose(0, 2, 1, 3)  # (B, N, NH, K)
+
     def backward(self, xp, gy):
+        if len(self.saved) == 5:  # the fused kernel ran
+            go = gy.transpose(0, 2, 1, 3)  # (B, NH, N, K)
+            grads = kernels.attention_backward(go, *self.saved)
+            return tuple(g.transpose(0, 2, 1, 3) for g in grads)  # (B, N, NH, K) each
         qh, kh, vh, weights, mask, dropped = self.saved
         go = xp.ascontiguousarray(gy.transpose(0, 2, 1, 3))  # (B, NH, Nq, K)
         gv = dropped.transpose(0, 1, 3, 2) @ go if self.needs_grad[2] else None  # (B, NH, Nk, K)

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from minivit import backend
+from minivit import backend, kernels
 from minivit.autograd import Function, Tensor, as_tensor
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -261,6 +261,9 @@ class Gelu(Function):
 
     def forward(self, xp, x):
         self.save(x)
+        if kernels.fusable(x) and x.ndim:
+            rows = x.reshape(-1, x.shape[-1])  # (R, M)
+            return kernels.gelu_forward(rows, None, self.approximate).reshape(x.shape)
         if self.approximate:
             inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * (x * x * x))
             return x * (0.5 * (1.0 + xp.tanh(inner)))
@@ -268,6 +271,10 @@ class Gelu(Function):
 
     def backward(self, xp, gy):
         (x,) = self.saved
+        if kernels.fusable(x, gy) and x.ndim:
+            rows = x.reshape(-1, x.shape[-1])  # (R, M)
+            gx = kernels.gelu_backward(gy.reshape(rows.shape), rows, None, self.approximate)
+            return gx.reshape(x.shape)
         x2 = x * x
         if self.approximate:
             t = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * (x2 * x)))

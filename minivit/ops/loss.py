@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from minivit import kernels
 from minivit.autograd import Function, Tensor
 
 
@@ -36,6 +37,8 @@ class SoftmaxCrossEntropy(Function):
     def forward(self, xp, logits, labels):
         labels = xp.asarray(labels)
         self._check(xp, logits, labels)
+        if kernels.fusable(logits) and not self.needs_grad[1]:
+            return self._fused_forward(xp, logits, labels)
         z = logits - logits.max(axis=1, keepdims=True)  # (B, C)
         logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))  # (B, C)
         if labels.ndim == 1:
@@ -46,7 +49,22 @@ class SoftmaxCrossEntropy(Function):
         self.save(logp, labels)
         return xp.asarray(rows.mean(), dtype=logp.dtype)
 
+    def _fused_forward(self, xp, logits, labels):
+        """The fused kernel on one-hot rows; keeps the log-sum-exp for backward."""
+        if labels.ndim == 1:
+            onehot = xp.zeros(logits.shape, logits.dtype)  # (B, C)
+            onehot[xp.arange(labels.shape[0]), labels] = 1.0
+        else:
+            onehot = labels.astype(logits.dtype, copy=False)
+        rows, lse = kernels.softmax_xent_forward(logits, onehot)  # (B,), (B,)
+        self.save(logits, onehot, lse)
+        return xp.asarray(rows.mean(), dtype=logits.dtype)
+
     def backward(self, xp, gy):
+        if len(self.saved) == 3:  # the fused kernel ran
+            logits, onehot, lse = self.saved
+            g_rows = xp.full(logits.shape[0], gy / logits.shape[0], logits.dtype)  # (B,)
+            return kernels.softmax_xent_backward(g_rows, logits, onehot, lse), None
         logp, labels = self.saved
         b = logp.shape[0]
         scale = gy / b  # () in the logits' dtype

@@ -1,0 +1,69 @@
+"""The float32 ops run the fused kernels; they must agree with the plain float64 path of the same op.
+
+float64 inputs take the ops' plain array code (the one the gradient checks prove), float32 inputs
+take `minivit.kernels`; forward values and every input gradient must match to float32 accuracy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minivit import Tensor, ops
+
+
+def _run(fn, arrays, gy):
+    tensors = [Tensor(a, requires_grad=True) for a in arrays]
+    y = fn(*tensors)
+    y.backward(gy.astype(y.dtype))
+    return y.data, [t.grad for t in tensors]
+
+
+def _agree(fn, arrays, gy_shape, rtol=1e-5, seed=0):
+    gy = np.random.default_rng(seed).standard_normal(gy_shape)
+    y64, g64 = _run(fn, [a.astype(np.float64) for a in arrays], gy)
+    y32, g32 = _run(fn, [a.astype(np.float32) for a in arrays], gy)
+    assert y32.dtype == np.float32 and all(g.dtype == np.float32 for g in g32)
+    np.testing.assert_allclose(y32, y64, rtol=0, atol=rtol * np.abs(y64).max())
+    for a, b in zip(g32, g64):
+        np.testing.assert_allclose(a, b, rtol=0, atol=rtol * np.abs(b).max())
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 77), (2, 197, 64)])
+def test_layer_norm_fused_matches_plain(shape):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape) * 3 + 1
+    scale, bias = rng.standard_normal(shape[-1]), rng.standard_normal(shape[-1])
+    _agree(ops.layer_norm, [x, scale, bias], shape)
+
+
+@pytest.mark.parametrize("approximate", [True, False])
+def test_gelu_fused_matches_plain(approximate):
+    x = np.random.default_rng(2).standard_normal((4, 9, 33)) * 3
+    _agree(lambda t: ops.gelu(t, approximate=approximate), [x], x.shape)
+
+
+@pytest.mark.parametrize("n,heads,k", [(5, 2, 8), (50, 3, 32), (197, 2, 64)])
+def test_attention_fused_matches_plain(n, heads, k):
+    rng = np.random.default_rng(3)
+    q, kk, v = (rng.standard_normal((2, n, heads, k)) for _ in range(3))
+    _agree(ops.dot_product_attention, [q, kk, v], q.shape)
+
+
+def test_cross_entropy_fused_matches_plain():
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((6, 10)) * 4
+    labels = rng.integers(0, 10, 6)
+    gy = np.array(1.0)
+    y64, (g64,) = _run(lambda t: ops.softmax_cross_entropy(t, labels), [logits], gy)
+    y32, (g32,) = _run(
+        lambda t: ops.softmax_cross_entropy(t, labels), [logits.astype(np.float32)], gy
+    )
+    np.testing.assert_allclose(y32, y64, rtol=1e-6)
+    np.testing.assert_allclose(g32, g64, atol=1e-7)
+    onehot = np.eye(10)[labels]
+    y1h, (g1h,) = _run(
+        lambda t: ops.softmax_cross_entropy(t, onehot), [logits.astype(np.float32)], gy
+    )
+    np.testing.assert_allclose(y1h, y64, rtol=1e-6)
+    np.testing.assert_allclose(g1h, g64, atol=1e-7)
