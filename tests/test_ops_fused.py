@@ -1,4 +1,4 @@
-"""The float32 ops run the fused kernels; they must agree with the plain float64 path of the same op.
+"""float32 ops run the fused kernels; they must agree with the plain float64 path of each op.
 
 float64 inputs take the ops' plain array code (the one the gradient checks prove), float32 inputs
 take `minivit.kernels`; forward values and every input gradient must match to float32 accuracy.

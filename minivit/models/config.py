@@ -22,7 +22,7 @@ class ViTConfig:
     """A Vision Transformer, optionally fed by a ResNet (hybrid)."""
 
     name: str  # official name, e.g. "ViT-B_16" ("custom" when inferred from an unknown file)
-    patches: tuple[int, int]  # patch size (P, P) of the embedding conv, on the ResNet map for hybrids
+    patches: tuple[int, int]  # (P, P) of the embedding conv (on the ResNet map for hybrids)
     hidden_size: int  # D
     mlp_dim: int  # M
     num_heads: int  # NH
