@@ -1,0 +1,301 @@
+"""Where a minivit training step spends its time, per op kind.
+
+Every `Function` subclass's `forward` and `backward` is wrapped with a timer (exclusive time:
+a Function called inside another is charged to itself only), a training step (forward, softmax
+cross-entropy, backward, SGD-momentum update) is run, and the time is summed per op kind: GEMM
+(Dense / MatMul), conv (the patch embedding and ResNet convs), attention, norms, GELU,
+softmax / cross-entropy, elementwise, reductions, copies / reshape / transpose, the optimizer,
+and the rest of the step (autograd bookkeeping, gradient sums, module calls: "Python overhead").
+It also replays the step's matrix products alone through NumPy (same shapes and transposes) to
+give the time BLAS needs for them, the floor the step can approach.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/profile_step.py \
+        [--configs ViT-S/16:32 ViT-B/16:8] [--steps 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))
+
+import _common  # noqa: E402  (next to this file)
+
+GEMM, CONV, OTHER_STEP = "GEMM (Dense, MatMul)", "conv (patch embedding, ResNet)", "Python overhead"
+OPTIMIZER = "optimizer (SGDMomentum.update)"
+# Op class name -> kind, checked in order by substring so fused ops land with their main cost.
+KINDS = (
+    ("Attention", "attention"),
+    ("Dense", GEMM),
+    ("MatMul", GEMM),
+    ("Conv", CONV),
+    ("Norm", "norm (LayerNorm, GroupNorm, StdConv)"),
+    ("Standardize", "norm (LayerNorm, GroupNorm, StdConv)"),
+    ("Gelu", "GELU"),
+    ("Softmax", "softmax / cross-entropy"),
+    ("Entropy", "softmax / cross-entropy"),
+    ("Pool", "pooling"),
+    ("Reshape", "copies / reshape / transpose"),
+    ("Transpose", "copies / reshape / transpose"),
+    ("Concat", "copies / reshape / transpose"),
+    ("Index", "copies / reshape / transpose"),
+    ("Pad", "copies / reshape / transpose"),
+    ("Broadcast", "copies / reshape / transpose"),
+    ("Sum", "reductions"),
+    ("Mean", "reductions"),
+    ("Max", "reductions"),
+)
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Neg", "Exp", "Log", "Tanh", "Relu", "Sqrt", "Dropout"}
+
+
+def kind_of(name: str) -> str:
+    """The op kind of a Function class name (`other (Name)` when no rule matches)."""
+    if name in ELEMENTWISE:
+        return "elementwise (residual adds, ReLU, ...)"
+    return next((kind for key, kind in KINDS if key in name), f"other ({name})")
+
+
+class OpTimer:
+    """Exclusive wall time per (Function class, pass), and the shapes of every matrix product."""
+
+    def __init__(self):
+        self.seconds: dict[tuple[str, str], float] = defaultdict(float)
+        self.calls: Counter = Counter()
+        self.products: Counter = Counter()  # (op, a shape, b shape, needs_grad) -> calls
+        self._inner: list[float] = []
+
+    def wrap(self, method: Callable, which: str) -> Callable:
+        def timed(op, xp, *arrays):
+            if which == "forward" and type(op).__name__ in ("Dense", "MatMul"):
+                needs = tuple(op.needs_grad[:2]) if op.needs_grad else (False, False)
+                self.products[(type(op).__name__, arrays[0].shape, arrays[1].shape, needs)] += 1
+            self._inner.append(0.0)
+            start = time.perf_counter()
+            try:
+                return method(op, xp, *arrays)
+            finally:
+                elapsed = time.perf_counter() - start
+                inner = self._inner.pop()
+                self.seconds[(type(op).__name__, which)] += elapsed - inner
+                self.calls[(type(op).__name__, which)] += 1
+                if self._inner:
+                    self._inner[-1] += elapsed
+
+        return timed
+
+
+def _function_classes() -> list[type]:
+    from minivit.autograd import Function  # noqa: PLC0415
+
+    found, todo = [], [Function]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            found.append(sub)
+            todo.append(sub)
+    return found
+
+
+@contextmanager
+def timed_functions(timer: OpTimer) -> Iterator[None]:
+    """Every Function subclass's own forward/backward wrapped by `timer`, restored on exit."""
+    import minivit.ops  # noqa: F401, PLC0415  (registers every Function subclass)
+
+    originals = []
+    for cls in _function_classes():
+        for which in ("forward", "backward"):
+            if which in cls.__dict__:
+                originals.append((cls, which, cls.__dict__[which]))
+                setattr(cls, which, timer.wrap(cls.__dict__[which], which))
+    try:
+        yield
+    finally:
+        for cls, which, method in originals:
+            setattr(cls, which, method)
+
+
+def _product_calls(np, a_shape: tuple, b_shape: tuple, needs: tuple) -> list[tuple]:
+    """(closure, FLOPs) of a recorded product's forward and backward GEMMs, as the ops run them.
+
+    Shapes: a (..., M, K) with b (K, N) as one (R, K) @ (K, N) GEMM; else batched a @ b.
+    """
+    rng = np.random.default_rng(0)
+    if len(b_shape) == 2:
+        a_shape = (int(np.prod(a_shape[:-1])), a_shape[-1])  # (R, K)
+    out = (*np.broadcast_shapes(a_shape[:-2], b_shape[:-2]), a_shape[-2], b_shape[-1])
+    a, b, gy = (rng.standard_normal(s, dtype=np.float32) for s in (a_shape, b_shape, out))
+    flops = 2 * int(np.prod(out)) * a_shape[-1]
+    calls = [(lambda: a @ b, flops)]
+    if needs[0]:
+        calls.append((lambda: gy @ np.swapaxes(b, -1, -2), flops))  # (..., M, K)
+    if needs[1]:
+        calls.append((lambda: np.swapaxes(a, -1, -2) @ gy, flops))  # (..., K, N), summed later
+    return calls
+
+
+def replay_products(products: Counter) -> tuple[float, float]:
+    """Seconds and FLOPs of one step's recorded matrix products run alone through NumPy's BLAS."""
+    import numpy as np  # noqa: PLC0415
+
+    seconds = flops = 0.0
+    for (_, a_shape, b_shape, needs), count in products.items():
+        for call, f in _product_calls(np, a_shape, b_shape, needs):
+            call()
+            runs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                call()
+                runs.append(time.perf_counter() - start)
+            seconds += statistics.median(runs) * count
+            flops += f * count
+    return seconds, flops
+
+
+def _train_step(label: str, batch: int):
+    """A closure running one training step of `label` at `batch`, split into its two phases."""
+    import numpy as np  # noqa: PLC0415
+    import step  # noqa: PLC0415  (bench/step.py: specs and data)
+
+    from minivit.models import create_model  # noqa: PLC0415
+    from minivit.optim import SGDMomentum  # noqa: PLC0415
+
+    spec = next(s for s in step.SPECS if s.label == label)
+    model = create_model(spec.name, num_classes=step.CLASSES, image_size=step.IMAGE_SIZE)
+    params, rng = model.params, np.random.default_rng(0)
+    optimizer = SGDMomentum(params)
+    images, labels = step.batch_data(batch)
+
+    def run() -> tuple[float, float]:
+        start = time.perf_counter()
+        _, grads = model.loss_and_grads(images, labels, train=True, rng=rng)
+        middle = time.perf_counter()
+        optimizer.update(params, grads, step.LR)
+        return middle - start, time.perf_counter() - middle
+
+    return run, model.config
+
+
+def profile_config(label: str, batch: int, steps: int) -> dict:
+    """Per-kind milliseconds of a training step (mean of `steps` timed steps after a warm-up)."""
+    import step  # noqa: PLC0415
+
+    run, config = _train_step(label, batch)
+    run()  # warm-up: kernel compilation, first allocations
+    plain = statistics.median(sum(run()) for _ in range(steps))
+    timer, grads_s, update_s = OpTimer(), 0.0, 0.0
+    with timed_functions(timer):
+        for _ in range(steps):
+            g, u = run()
+            grads_s, update_s = grads_s + g, update_s + u
+    ms: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for (name, which), seconds in timer.seconds.items():
+        ms[kind_of(name)][which == "backward"] += 1e3 * seconds / steps
+    ops_ms = sum(f + b for f, b in ms.values())
+    ms[OTHER_STEP] = [1e3 * grads_s / steps - ops_ms, 0.0]
+    ms[OPTIMIZER] = [1e3 * update_s / steps, 0.0]
+    products = Counter({k: v // steps for k, v in timer.products.items()})
+    blas_s, gemm_flops = replay_products(products)
+    return dict(
+        model=label,
+        batch=batch,
+        kinds={k: v for k, v in sorted(ms.items(), key=lambda kv: -sum(kv[1]))},
+        step_ms=1e3 * plain,
+        profiled_ms=1e3 * (grads_s + update_s) / steps,
+        gemm_flops=gemm_flops,
+        gemm_ms=sum(ms[GEMM]),
+        blas_ms=1e3 * blas_s,
+        model_flops=step.step_flops(config, "train") * batch,
+    )
+
+
+def report(result: dict, gemm_rate: float) -> list[str]:
+    """The per-kind table of one configuration and the GEMM / whole-step rates under it."""
+    total = result["profiled_ms"]
+    rows = [
+        {"kind": kind, "fwd": f, "bwd": b, "total": f + b, "share": f"{(f + b) / total:.1%}"}
+        for kind, (f, b) in result["kinds"].items()
+    ]
+    rows.append({"kind": "whole step (profiled)", "total": total, "share": "100%"})
+    columns = (
+        ("kind", "op kind"),
+        ("fwd", "forward ms"),
+        ("bwd", "backward ms"),
+        ("total", "total ms"),
+        ("share", "% of step"),
+    )
+    gemm_in_ops = result["gemm_flops"] / result["gemm_ms"] / 1e6
+    gemm_alone = result["gemm_flops"] / result["blas_ms"] / 1e6
+    step_rate = result["model_flops"] / result["step_ms"] / 1e6
+    img_s = 1e3 * result["batch"] / result["step_ms"]
+    return [
+        f"## {result['model']} training step, batch {result['batch']}",
+        "",
+        _common.format_table(rows, columns),
+        "",
+        f"unprofiled step {result['step_ms']:.0f} ms ({img_s:.2f} img/s, {step_rate:.0f} GFLOP/s"
+        f" = {step_rate / gemm_rate:.0%} of the {gemm_rate:.0f} GFLOP/s GEMM rate);"
+        f" profiled {total:.0f} ms",
+        f"GEMM ops: {result['gemm_flops'] / 1e9:.0f} GFLOP in {result['gemm_ms']:.0f} ms "
+        f"({gemm_in_ops:.0f} GFLOP/s); the same products alone in NumPy: "
+        f"{result['blas_ms']:.0f} ms ({gemm_alone:.0f} GFLOP/s)",
+        "",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["ViT-S/16:32", "ViT-B/16:8"],
+        help="MODEL:BATCH pairs, MODEL as in bench/step.py (ViT-S/16, R26+S/32)",
+    )
+    parser.add_argument("--steps", type=int, default=2, help="profiled steps per configuration")
+    parser.add_argument("--threads", type=int, default=_common.default_threads())
+    parser.add_argument("--json", action="store_true", help="one JSON object per op kind")
+    args = parser.parse_args(argv)
+    _common.setup_threads(args.threads)
+    import step  # noqa: PLC0415  (after the thread setup: it imports numpy lazily)
+
+    gemm = step.numpy_gemm_rate()
+    print(f"{args.threads} threads; " + "; ".join(_common.blas_report()), file=sys.stderr)
+    for pair in args.configs:
+        label, _, batch = pair.partition(":")
+        if label not in {s.label for s in step.SPECS} or not batch.isdigit():
+            parser.error(
+                f"--configs {pair!r} must be MODEL:BATCH with MODEL one of "
+                f"{', '.join(s.label for s in step.SPECS)}"
+            )
+        result = profile_config(label, int(batch), args.steps)
+        if not args.json:
+            print("\n".join(report(result, gemm)), flush=True)
+            continue
+        for kind, (f, b) in result["kinds"].items():
+            share = (f + b) / result["profiled_ms"]
+            print(
+                json.dumps(
+                    {
+                        "model": label,
+                        "batch": int(batch),
+                        "kind": kind,
+                        "forward_ms": round(f, 2),
+                        "backward_ms": round(b, 2),
+                        "percent": round(100 * share, 1),
+                    }
+                ),
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,588 @@
+"""Whole-step benchmark: minivit against timm (PyTorch) and JAX/Flax on the same CPU threads.
+
+For ViT-Ti/16, ViT-S/16, ViT-B/16, Mixer-B/16 and R26+S/32 at 224 px it measures inference
+images/s at batch 1 and 32 and training-step images/s at batch 32 (and 8 for ViT-B/16): forward,
+softmax cross-entropy, backward and an SGD-momentum update. Every (framework, model, mode, batch)
+runs in a fresh child process, so its peak resident memory (ru_maxrss) is its own. Warm-up steps
+are not timed (JAX's compile time is reported apart); the figure is the median of the timed steps.
+The header gives the thread settings, the BLAS kernel NumPy uses and the fp32 GEMM rate of a large
+NumPy sgemm; each minivit child measures that rate again, and `% GEMM` is the model's arithmetic
+rate (matmul and conv FLOPs counted from the config, training = 3x forward) over it.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/step.py [--json] [--quick]
+        [--models ViT-S/16 Mixer-B/16] [--frameworks minivit torch jax] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))
+
+import _common  # noqa: E402  (next to this file)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One benchmarked network: its table label, minivit registry name and timm name."""
+
+    label: str
+    name: str
+    timm: str
+
+
+SPECS = (
+    Spec("ViT-Ti/16", "ViT-Ti_16", "vit_tiny_patch16_224"),
+    Spec("ViT-S/16", "ViT-S_16", "vit_small_patch16_224"),
+    Spec("ViT-B/16", "ViT-B_16", "vit_base_patch16_224"),
+    Spec("Mixer-B/16", "Mixer-B_16", "mixer_b16_224"),
+    Spec("R26+S/32", "R26+ViT-S_32", "vit_small_r26_s32_224"),
+)
+CONFIGS = (("inference", 1), ("inference", 32), ("train", 32))
+EXTRA_CONFIGS = {"ViT-B/16": (("train", 8),)}
+QUICK = {"ViT-Ti/16": CONFIGS, "ViT-S/16": (("inference", 32), ("train", 32))}
+FRAMEWORKS = ("minivit", "torch", "jax")
+IMAGE_SIZE, CLASSES, LR = 224, 1000, 1e-3
+GEMM_SIZE = 2048
+CHILD_TIMEOUT_S = 420
+JSON_KEYS = (
+    "model",
+    "mode",
+    "batch",
+    "minivit_img_s",
+    "torch_img_s",
+    "jax_img_s",
+    "minivit_rss_mb",
+    "torch_rss_mb",
+    "gflops_per_s",
+)
+
+
+# ---- arithmetic per image, from the config ------------------------------------------------------
+def _conv(side: int, size: int, cin: int, cout: int) -> int:
+    """FLOPs (2 per multiply-add) of a conv with a side x side output."""
+    return 2 * side * side * size * size * cin * cout
+
+
+def resnet_flops(resnet, side: int) -> tuple[int, int, int]:
+    """Forward FLOPs of a BiT ResNetV2 body (root + stages), and the side and channels it outputs.
+
+    Shapes: (S, S, 3) image -> (side, side, channels) map; TF 'SAME' strides round up.
+    """
+    width = int(64 * resnet.width_factor)
+    side = math.ceil(side / 2)
+    flops = _conv(side, 7, 3, width)  # conv_root, stride 2
+    side, cin = math.ceil(side / 2), width  # max pool, stride 2
+    for i, units in enumerate(resnet.num_layers):
+        features = width * 2**i
+        for j in range(units):
+            out = math.ceil(side / 2) if i > 0 and j == 0 else side
+            flops += _conv(side, 1, cin, features) + _conv(out, 3, features, features)
+            flops += _conv(out, 1, features, 4 * features)
+            if cin != 4 * features or out != side:
+                flops += _conv(out, 1, cin, 4 * features)  # conv_proj
+            side, cin = out, 4 * features
+    return flops, side, cin
+
+
+def forward_flops(config, image_size: int = IMAGE_SIZE, classes: int = CLASSES) -> int:
+    """Matmul and conv FLOPs of one image's forward pass (elementwise work not counted).
+
+    Shapes: one (S, S, 3) image -> logits (classes,)
+    """
+    side, cin, flops = image_size, 3, 0
+    if getattr(config, "resnet", None) is not None:
+        flops, side, cin = resnet_flops(config.resnet, image_size)
+    patch = config.patches[0]
+    grid = side // patch
+    if config.family == "mixer":
+        s, c = grid * grid, config.hidden_dim
+        flops += _conv(grid, patch, cin, c)
+        per_block = 4 * c * s * config.tokens_mlp_dim + 4 * s * c * config.channels_mlp_dim
+        return flops + config.num_blocks * per_block + 2 * c * classes
+    n, d = grid * grid + (config.classifier == "token"), config.hidden_size
+    flops += _conv(grid, patch, cin, d)
+    per_block = 8 * n * d * d + 4 * n * n * d + 4 * n * d * config.mlp_dim  # qkv+out, qk+av, mlp
+    head_in = config.representation_size or d
+    pre_logits = 2 * d * head_in if config.representation_size else 0
+    return flops + config.num_layers * per_block + pre_logits + 2 * head_in * classes
+
+
+def step_flops(config, mode: str) -> int:
+    """FLOPs per image of one step: forward, or forward + backward (3x forward) for training."""
+    return forward_flops(config) * (3 if mode == "train" else 1)
+
+
+# ---- timing inside a child ----------------------------------------------------------------------
+def time_steps(
+    step: Callable[[], object], warmup: int, budget_s: float, min_iters: int, max_iters: int
+) -> tuple[float, int]:
+    """Median seconds of `step()` over as many runs as fit `budget_s`, after `warmup` runs.
+
+    Returns (median seconds, number of timed runs); at least `min_iters`, at most `max_iters`.
+    """
+    for _ in range(warmup):
+        start = time.perf_counter()
+        step()
+        first = time.perf_counter() - start
+    iters = max(min_iters, min(max_iters, int(budget_s / max(first, 1e-9))))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), iters
+
+
+def gemm_rate(matmul: Callable[[], object], n: int = GEMM_SIZE, repeats: int = 5) -> float:
+    """Median GFLOP/s of an n x n x n fp32 product (`matmul()` runs one, synchronised)."""
+    matmul()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def numpy_gemm_rate(n: int = GEMM_SIZE) -> float:
+    """fp32 GEMM rate of NumPy's BLAS in this process, GFLOP/s."""
+    import numpy as np  # noqa: PLC0415  (after the thread setup)
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    return gemm_rate(lambda: a @ b, n)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux), MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def batch_data(batch: int):
+    """Fixed random NHWC images in [-1, 1] and integer labels. Shapes: (B, S, S, 3), (B,)."""
+    import numpy as np  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (batch, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    return images, rng.integers(0, CLASSES, batch).astype(np.int32)
+
+
+def _timing_plan(mode: str, batch: int, budget_s: float) -> dict:
+    """Warm-up and timed-run counts: more runs for the cheap batch-1 inference."""
+    if mode == "inference" and batch == 1:
+        return dict(warmup=3, budget_s=budget_s, min_iters=5, max_iters=30)
+    return dict(warmup=1, budget_s=budget_s, min_iters=2, max_iters=10)
+
+
+# ---- the three frameworks (each runs in its own child process) -----------------------------------
+def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
+    """minivit: Model.forward under no_grad, or loss_and_grads + SGDMomentum.update."""
+    import numba  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from minivit.autograd import no_grad  # noqa: PLC0415
+    from minivit.models import create_model  # noqa: PLC0415
+    from minivit.optim import SGDMomentum  # noqa: PLC0415
+
+    model = create_model(spec.name, num_classes=CLASSES, image_size=IMAGE_SIZE)
+    images, labels = batch_data(batch)
+    if mode == "inference":
+
+        def step():
+            with no_grad():
+                return model.forward(images).data
+
+    else:
+        params, rng = model.params, np.random.default_rng(0)
+        optimizer = SGDMomentum(params)
+
+        def step():
+            _, grads = model.loss_and_grads(images, labels, train=True, rng=rng)
+            optimizer.update(params, grads, LR)
+
+    seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s))
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel ran yet
+        layer = "not started"
+    return dict(
+        step_s=seconds,
+        iters=iters,
+        gemm_gflops=numpy_gemm_rate(),
+        numba_layer=layer,
+        numba_threads=numba.get_num_threads(),
+        blas=_common.blas_report(),
+    )
+
+
+def run_torch(spec: Spec, mode: str, batch: int, budget_s: float, threads: int) -> dict:
+    """timm model in eager PyTorch fp32: inference_mode forward, or CE + backward + SGD step."""
+    torch = _common.load_torch(threads)
+    import timm  # noqa: PLC0415
+
+    model = timm.create_model(spec.timm, pretrained=False, num_classes=CLASSES)
+    images, labels = batch_data(batch)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
+    y = torch.from_numpy(labels).long()
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                return model(x)
+
+    else:
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s))
+    a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
+    return dict(
+        step_s=seconds,
+        iters=iters,
+        gemm_gflops=gemm_rate(lambda: a @ b),
+        torch_threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        timm_version=timm.__version__,
+    )
+
+
+def flax_model(config):
+    """The Flax network of `config` (bench/flax_models.py)."""
+    import flax_models  # noqa: PLC0415  (needs flax)
+
+    if config.family == "mixer":
+        return flax_models.Mixer(
+            config.patches[0],
+            config.hidden_dim,
+            config.num_blocks,
+            config.tokens_mlp_dim,
+            config.channels_mlp_dim,
+            CLASSES,
+        )
+    resnet = tuple(config.resnet.num_layers) if config.resnet is not None else None
+    return flax_models.ViT(
+        config.patches[0],
+        config.hidden_size,
+        config.num_layers,
+        config.num_heads,
+        config.mlp_dim,
+        CLASSES,
+        resnet,
+    )
+
+
+def _jax_step(jax, model, mode: str, params, x, y):
+    """A compiled step and its argument tuple; the step returns what must be waited on."""
+    import optax  # noqa: PLC0415
+
+    if mode == "inference":
+        fn = jax.jit(lambda p, xb: model.apply({"params": p}, xb))
+        args = (params, x)
+    else:
+        tx = optax.sgd(LR, momentum=0.9, accumulator_dtype="bfloat16")
+
+        def loss_fn(p, xb, yb):
+            logits = model.apply({"params": p}, xb)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+        def train(p, state, xb, yb):
+            loss, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
+            updates, state = tx.update(grads, state, p)
+            return optax.apply_updates(p, updates), state, loss
+
+        fn = jax.jit(train, donate_argnums=(0, 1))
+        args = (params, tx.init(params), x, y)
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return compiled, args, time.perf_counter() - start
+
+
+def run_jax(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
+    """JAX/Flax: the same step under jax.jit; ahead-of-time compile timed apart."""
+    import jax  # noqa: PLC0415
+
+    from minivit.models.registry import resolve  # noqa: PLC0415
+
+    model = flax_model(resolve(spec.name)[0])
+    images, labels = batch_data(batch)
+    x, y = jax.numpy.asarray(images), jax.numpy.asarray(labels)
+    params = jax.jit(model.init)(jax.random.key(0), x[:1])["params"]
+    compiled, args, compile_s = _jax_step(jax, model, mode, params, x, y)
+    state = {"args": args}
+
+    def step():
+        out = compiled(*state["args"])
+        if mode == "train":
+            state["args"] = (out[0], out[1], x, y)
+        jax.block_until_ready(out)
+
+    seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s))
+    a = jax.numpy.ones((GEMM_SIZE, GEMM_SIZE), jax.numpy.float32)
+    matmul = jax.jit(lambda u: u @ u)
+    return dict(
+        step_s=seconds,
+        iters=iters,
+        compile_s=compile_s,
+        jax_version=jax.__version__,
+        gemm_gflops=gemm_rate(lambda: matmul(a).block_until_ready()),
+    )
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """Run one configuration and print one JSON object (img/s, peak RSS, details)."""
+    spec = next(s for s in SPECS if s.label == args.model)
+    if args.child == "minivit":
+        result = run_minivit(spec, args.mode, args.batch, args.budget)
+    elif args.child == "torch":
+        result = run_torch(spec, args.mode, args.batch, args.budget, args.threads)
+    else:
+        result = run_jax(spec, args.mode, args.batch, args.budget)
+    result.update(img_s=args.batch / result["step_s"], rss_mb=peak_rss_mb())
+    print(json.dumps(result), flush=True)
+
+
+# ---- the parent: probes, table, goals ------------------------------------------------------------
+def available_frameworks(wanted: list[str]) -> list[str]:
+    """The frameworks of `wanted` whose modules import (timm+torch, jax+flax+optax)."""
+    needs = {"minivit": (), "torch": ("torch", "timm"), "jax": ("jax", "flax", "optax")}
+    found = []
+    for name in wanted:
+        probe = "import " + ", ".join(needs[name]) if needs[name] else "pass"
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False)
+        if done.returncode == 0:
+            found.append(name)
+        else:
+            log(f"{name}: not installed, column left empty ({', '.join(needs[name])})")
+    return found
+
+
+def probe(framework: str, spec: Spec, mode: str, batch: int, args: argparse.Namespace) -> dict:
+    """One child process; its JSON result, or {"error": ...} when it failed or timed out."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        framework,
+        "--model",
+        spec.label,
+        "--mode",
+        mode,
+        "--batch",
+        str(batch),
+        "--budget",
+        str(args.budget),
+        "--threads",
+        str(args.threads),
+    ]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, check=False, timeout=CHILD_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def measure_row(spec: Spec, mode: str, batch: int, frameworks, args, details: dict) -> dict:
+    """All frameworks on one configuration, one after the other; the table row."""
+    from minivit.models.registry import resolve  # noqa: PLC0415
+
+    row = {"model": spec.label, "mode": mode, "batch": batch}
+    for framework in frameworks:
+        start = time.perf_counter()
+        result = probe(framework, spec, mode, batch, args)
+        details.setdefault(framework, []).append(result)
+        took = time.perf_counter() - start
+        if "error" in result:
+            log(f"  {spec.label} {mode} b{batch} {framework}: FAILED ({result['error']})")
+            continue
+        log(
+            f"  {spec.label} {mode} b{batch} {framework}: {result['img_s']:.2f} img/s, "
+            f"{result['rss_mb']:.0f} MB, {result['iters']} timed runs ({took:.0f} s, "
+            f"load {os.getloadavg()[0]:.1f})"
+        )
+        row[f"{framework}_img_s"] = result["img_s"]
+        row[f"{framework}_rss_mb"] = result["rss_mb"]
+        if framework == "minivit":
+            gflops = step_flops(resolve(spec.name)[0], mode) * result["img_s"] / 1e9
+            fraction = gflops / result["gemm_gflops"]
+            row.update(gflops_per_s=gflops, gemm_fraction=fraction, of_gemm=f"{fraction:.0%}")
+        if framework == "jax":
+            row["jax_compile_s"] = result["compile_s"]
+    row["vs_torch"] = _common.ratio(row.get("minivit_img_s"), row.get("torch_img_s"))
+    row["vs_jax"] = _common.ratio(row.get("minivit_img_s"), row.get("jax_img_s"))
+    return row
+
+
+COLUMNS = (
+    ("model", "model"),
+    ("mode", "mode"),
+    ("batch", "batch"),
+    ("minivit_img_s", "minivit img/s"),
+    ("torch_img_s", "timm img/s"),
+    ("jax_img_s", "JAX img/s"),
+    ("vs_torch", "minivit/timm"),
+    ("vs_jax", "minivit/JAX"),
+    ("gflops_per_s", "minivit GFLOP/s"),
+    ("of_gemm", "of GEMM"),
+    ("minivit_rss_mb", "minivit MB"),
+    ("torch_rss_mb", "timm MB"),
+    ("jax_rss_mb", "JAX MB"),
+    ("jax_compile_s", "JAX compile s"),
+)
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """The issue's goals, each with the measured figure and met / NOT met."""
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a (missing column)" if ok is None else ("met" if ok else "NOT met")
+
+    lines = []
+    ratios = [(r["vs_torch"], r) for r in rows if r.get("vs_torch") is not None]
+    worst = min(ratios, key=lambda p: p[0], default=(None, None))
+    if worst[1] is not None:
+        where = f"{worst[1]['model']} {worst[1]['mode']} b{worst[1]['batch']}"
+        lines.append(
+            f"no row below 1.0x timm: lowest {worst[0]:.2f}x ({where}): {verdict(worst[0] >= 1.0)}"
+        )
+    for label in ("ViT-S/16", "Mixer-B/16", "R26+S/32"):
+        mine = [r for r, row in ratios if row["model"] == label]
+        if mine:
+            lines.append(
+                f"{label} at least 1.25x timm: lowest {min(mine):.2f}x: "
+                f"{verdict(min(mine) >= 1.25)}"
+            )
+    train = [r for r in rows if r["mode"] == "train" and r.get("gemm_fraction") is not None]
+    if train:
+        low = min(train, key=lambda r: r["gemm_fraction"])
+        lines.append(
+            f"training steps at >= 80% of the GEMM rate: lowest {low['gemm_fraction']:.0%} "
+            f"({low['model']} b{low['batch']}): {verdict(low['gemm_fraction'] >= 0.8)}"
+        )
+    big = [r for r in rows if (r["model"], r["mode"], r["batch"]) == ("ViT-B/16", "train", 32)]
+    if big and big[0].get("minivit_rss_mb") and big[0].get("torch_rss_mb"):
+        mine, theirs = big[0]["minivit_rss_mb"], big[0]["torch_rss_mb"]
+        lines.append(
+            f"ViT-B/16 training b32 peak RSS <= timm: {mine:.0f} MB vs {theirs:.0f} MB: "
+            f"{verdict(mine <= theirs)}"
+        )
+    return lines
+
+
+def header(args: argparse.Namespace) -> list[str]:
+    """Threads, BLAS kernel, fp32 GEMM rate and load of this machine, measured in this process."""
+    import numpy as np  # noqa: PLC0415  (after setup_threads)
+
+    rate = numpy_gemm_rate()
+    env = ", ".join(f"{k}={os.environ.get(k, '-')}" for k in _common._THREAD_VARS)
+    lines = [
+        f"python {sys.version.split()[0]}, numpy {np.__version__}, {args.threads} threads: {env}; "
+        f"torch.set_num_threads({args.threads})",
+        *("BLAS " + line for line in _common.blas_report()),
+        f"fp32 GEMM rate (NumPy, {GEMM_SIZE}^3, median of 5): {rate:.1f} GFLOP/s",
+        f"load average at start: {os.getloadavg()[0]:.2f} (1 min)",
+    ]
+    if "OPENBLAS_CORETYPE" in os.environ:
+        forced = os.environ["OPENBLAS_CORETYPE"]
+        lines.append(
+            f"warning: OPENBLAS_CORETYPE={forced} forces that BLAS kernel; run under "
+            "`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`"
+        )
+    return lines
+
+
+def detail_lines(details: dict) -> list[str]:
+    """Versions, thread pools seen inside the children, and their own GEMM rates."""
+    lines = []
+    for framework, results in details.items():
+        ok = [r for r in results if "error" not in r]
+        if not ok:
+            continue
+        rates = statistics.median(r["gemm_gflops"] for r in ok)
+        extra = {k: v for k, v in ok[0].items() if k.endswith(("version", "threads", "layer"))}
+        lines.append(f"{framework} children: median in-process GEMM {rates:.1f} GFLOP/s; {extra}")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="JSON lines on stdout, text on stderr")
+    parser.add_argument("--quick", action="store_true", help="a ~2-minute subset (Ti/16, S/16)")
+    parser.add_argument("--models", nargs="+", choices=[s.label for s in SPECS])
+    parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    parser.add_argument("--threads", type=int, default=_common.default_threads())
+    parser.add_argument("--budget", type=float, help="seconds of timed runs per configuration")
+    parser.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.budget is None:
+        args.budget = 1.5 if args.quick else 4.0
+    return args
+
+
+def plan(args: argparse.Namespace) -> list[tuple[Spec, str, int]]:
+    """The (model, mode, batch) configurations to run, in table order."""
+    chosen = [s for s in SPECS if args.models is None or s.label in args.models]
+    if args.quick:
+        return [(s, m, b) for s in chosen if s.label in QUICK for m, b in QUICK[s.label]]
+    return [(s, m, b) for s in chosen for m, b in CONFIGS + EXTRA_CONFIGS.get(s.label, ())]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    _common.setup_threads(args.threads)
+    if args.child:
+        child_main(args)
+        return
+    started = time.perf_counter()
+    text = print if not args.json else log
+    for line in header(args):
+        text(line)
+    frameworks = available_frameworks(args.frameworks)
+    rows, details = [], {}
+    for spec, mode, batch in plan(args):
+        rows.append(measure_row(spec, mode, batch, frameworks, args, details))
+    text("")
+    text(_common.format_table(rows, COLUMNS))
+    text("")
+    for line in detail_lines(details) + goal_lines(rows):
+        text(line)
+    text(
+        f"load average at end: {os.getloadavg()[0]:.2f}; "
+        f"wall time {time.perf_counter() - started:.0f} s"
+    )
+    if args.json:
+        _common.emit_json(rows, JSON_KEYS)
+
+
+if __name__ == "__main__":
+    main()
