@@ -119,6 +119,7 @@ def _add_finetune(sub) -> None:
             options["metavar"] = f.name.upper()
             if "choices" in f.metadata:
                 options["choices"] = f.metadata["choices"]
+                options["help"] += f" (one of: {', '.join(f.metadata['choices'])})"
         p.add_argument(f"--{f.name}", **options)
     p.set_defaults(run=_run_finetune)
 

@@ -224,3 +224,20 @@ def test_departures_from_the_published_recipe_are_listed():
     (line,) = train.departures(changed, pretrained=True)
     assert "batch 64 (published 512)" in line and "base_lr 0.01 (published 0.03)" in line
     assert "total_steps" not in line
+
+
+def test_fine_tunes_a_checkpoint_in_the_released_layout(tmp_path, golden_tiny):
+    source = golden_tiny / "vit_tiny_token" / "model.npz"
+    config = TrainConfig(
+        pretrained=str(source), dataset="digits", image_size=32, total_steps=4, warmup_steps=1,
+        batch=16, accum_steps=2, eval_every=0, progress_every=1, num_workers=0,
+        workdir=str(tmp_path),
+    )  # fmt: skip
+    result = finetune(config)
+    first = records(tmp_path, "train_loss")[0]["train_loss"]
+    assert abs(first - np.log(10)) < 1e-6  # the head starts at zero, as load_pretrained does
+    sidecar = train.read_sidecar(result.model_path)
+    assert sidecar["source_checkpoint"] == str(source) and sidecar["image_size"] == 32
+    with np.load(source) as before, np.load(result.model_path) as after:
+        assert sorted(before.files) == sorted(after.files)
+        assert not np.array_equal(before["embedding/kernel"], after["embedding/kernel"])
