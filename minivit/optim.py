@@ -58,13 +58,29 @@ def clip_by_global_norm(grads: dict, max_norm: float) -> float:
     As optax: `norm = sqrt(sum of all squares)`; below `max_norm` nothing changes, otherwise each
     gradient becomes `g / norm * max_norm` in float32.
     """
-    total = sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values())
+    total = sum(_sum_of_squares(g) for g in grads.values())
     norm = _F32(np.sqrt(total))
     if norm >= max_norm:
         for g in grads.values():
             g /= norm
             g *= _F32(max_norm)
     return float(norm)
+
+
+def _sum_of_squares(g) -> float:
+    """sum(g**2) in float64: one Numba pass on the CPU, array code elsewhere."""
+    if _fast_cpu(g):
+        from minivit.kernels import sgd  # noqa: PLC0415  (Numba compiles on first use)
+
+        return float(sgd.sum_of_squares_cpu(g.reshape(-1)))
+    return float((g.astype(np.float64) ** 2).sum())
+
+
+def _fast_cpu(*arrays) -> bool:
+    """True when the one-pass Numba bodies apply: C-contiguous float32 NumPy arrays."""
+    return all(
+        isinstance(a, np.ndarray) and a.dtype == _F32 and a.flags.c_contiguous for a in arrays
+    )
 
 
 def to_bfloat16_bits(x) -> object:
@@ -133,6 +149,29 @@ class SGDMomentum:
         missing = [k for k in self.shapes if k not in grads]
         if missing:
             raise KeyError(f"gradient for {missing[0]!r} is missing; grads must cover every param")
+        if isinstance(self.buffer, np.ndarray) and _fast_cpu(*params.values(), *grads.values()):
+            self._update_cpu(params, grads, lr)
+            return
+        self.update_reference(params, grads, lr)
+
+    def _update_cpu(self, params: dict, grads: dict, lr: float) -> None:
+        """`update` as one Numba pass per parameter, in place (same arithmetic as the spec)."""
+        from minivit.kernels import sgd  # noqa: PLC0415  (Numba compiles on first use)
+
+        body = (
+            sgd.sgd_momentum_bf16_cpu
+            if self.accumulator_dtype == "bfloat16"
+            else sgd.sgd_momentum_f32_cpu
+        )
+        for key, start, stop in zip(self.shapes, self.offsets, self.offsets[1:]):
+            flat = params[key].reshape(-1)  # (P_key,) view of the model's own array
+            body(flat, grads[key].reshape(-1), self.buffer[start:stop], self.beta, _F32(lr))
+
+    def update_reference(self, params: dict, grads: dict, lr: float) -> None:
+        """The spec of `update` in array code (any array module; CuPy takes this path).
+
+        Shapes: params / grads key -> array of the shape given at construction
+        """
         xp = backend.xp_of(self.buffer)
         flat = xp.concatenate([xp.ravel(xp.asarray(grads[k], _F32)) for k in self.shapes])  # (P,)
         m_new = flat + self.beta * self.momentum()  # (P,) float32

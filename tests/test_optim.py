@@ -191,3 +191,28 @@ def test_sgd_momentum_bad_input_names_the_key():
         opt.load_state_dict({"w": np.zeros(3, np.float32), "b": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match="accumulator_dtype 'float16'"):
         SGDMomentum(params, accumulator_dtype="float16")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_one_pass_cpu_update_equals_the_array_spec(dtype):
+    """The Numba body of update() gives bit-identical params and momentum to update_reference()."""
+    rng = np.random.default_rng(7)
+    shapes = {"a": (3, 5), "b": (7,), "c": (2, 3, 4)}
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    fast = {k: v.copy() for k, v in start.items()}
+    spec = {k: v.copy() for k, v in start.items()}
+    opt_fast = SGDMomentum(fast, accumulator_dtype=dtype)
+    opt_spec = SGDMomentum(spec, accumulator_dtype=dtype)
+    for step in range(4):
+        grads = {k: rng.standard_normal(s).astype(np.float32) * 3 for k, s in shapes.items()}
+        opt_fast.update(fast, {k: g.copy() for k, g in grads.items()}, 0.01 * (step + 1))
+        opt_spec.update_reference(spec, grads, 0.01 * (step + 1))
+    for key in shapes:
+        np.testing.assert_array_equal(fast[key], spec[key])
+    np.testing.assert_array_equal(opt_fast.momentum(), opt_spec.momentum())
+
+
+def test_global_norm_uses_float64_accumulation():
+    grads = {"a": np.full(1000, 1e-3, np.float32), "b": np.full((10, 10), 3.0, np.float32)}
+    expected = math.sqrt(1000 * float(np.float32(1e-3)) ** 2 + 100 * 9.0)
+    assert clip_by_global_norm(grads, 1e9) == pytest.approx(expected, rel=1e-7)

@@ -33,6 +33,31 @@ def _float32_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _bits_from_float32(typingctx, value):
+    """Reinterpret a float32 as the int32 with the same bits."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@numba.njit(inline="always", cache=True)
+def bfloat16_round(x):
+    """The bfloat16 bit pattern (as int) nearest to float32 x, ties to even; NaN stays NaN."""
+    bits = np.int64(_bits_from_float32(x)) & 0xFFFFFFFF
+    if (bits & 0x7FFFFFFF) > 0x7F800000:
+        return (bits >> 16) | 0x0040
+    return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+
+
+@numba.njit(inline="always", cache=True)
+def bfloat16_value(bits):
+    """The float32 value of a bfloat16 bit pattern (exact)."""
+    return _float32_from_bits(np.int32(np.int64(bits) << 16))
+
+
 @numba.njit(inline="always", fastmath=True, cache=True)
 def exp32(x):
     """e**x in float32, vectorisable."""
