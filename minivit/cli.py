@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as error:
         if os.environ.get("MINIVIT_DEBUG"):
             raise
-        print(f"minivit {args.command}: error: {error}", file=sys.stderr)
+        from minivit.distributed import launched_rank  # noqa: PLC0415
+
+        if not getattr(error, "every_rank", False) or launched_rank() == 0:
+            print(f"minivit {args.command}: error: {error}", file=sys.stderr)
         return 1
 
 

@@ -43,6 +43,7 @@ SPIN_S = 0.05  # poll without sleeping this long, then sleep POLL_SLEEP_S betwee
 POLL_SLEEP_S = 0.0005
 # Launchers and the variable that carries the number of ranks they started.
 LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+LAUNCHER_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK")
 
 Tree = dict[str, Any]  # official key -> array (gradients or parameters)
 
@@ -102,6 +103,15 @@ def launched_world_size(environ: dict[str, str] | None = None) -> int:
         if env.get(name, "").strip().isdigit():
             return int(env[name])
     return 0 if "PMIX_RANK" in env else 1
+
+
+def launched_rank(environ: dict[str, str] | None = None) -> int:
+    """This process's rank as the MPI launcher set it (0 when not launched by mpiexec/mpirun)."""
+    env = os.environ if environ is None else environ
+    for name in LAUNCHER_RANK_VARS:
+        if env.get(name, "").strip().isdigit():
+            return int(env[name])
+    return 0
 
 
 def dist_timeout(environ: dict[str, str] | None = None) -> float:

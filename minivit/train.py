@@ -87,7 +87,15 @@ DEMO_RECIPE = {
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot start or go on; the message is one sentence that says what to do."""
+    """A run that cannot start or go on; the message is one sentence that says what to do.
+
+    `every_rank` marks errors that every worker of a data-parallel run raises identically (a
+    batch that does not split); only rank 0 prints those.
+    """
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def _flag(default, help: str, **metadata):
@@ -254,7 +262,7 @@ def _check_batch(batch: int, world: int, accum) -> None:
     try:
         split_batch(batch, world, 1 if accum == "auto" else accum)
     except ValueError as error:
-        raise TrainingError(str(error)) from None
+        raise TrainingError(str(error), every_rank=True) from None
 
 
 def _check_workdir(path: Path, resume: bool) -> None:

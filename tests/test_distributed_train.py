@@ -221,7 +221,7 @@ def test_batch_that_does_not_split_names_the_nearest_one_before_reading_data(tmp
         "minivit finetune: error: --batch 15 cannot be split over 2 workers x accum 2 "
         "(it must be a multiple of 4); use --batch 16"
     )
-    assert set(run.stderr.splitlines()) == {sentence}, run.stderr
+    assert run.stderr.splitlines() == [sentence], run.stderr  # printed by rank 0 only
     assert not (tmp_path / "run").exists()
 
 
