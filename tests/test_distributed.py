@@ -10,13 +10,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mpi_support import LAUNCH_LIMIT_S, MPIEXEC, needs_mpi
 
 from minivit import distributed
 from minivit.distributed import (
@@ -33,20 +33,6 @@ SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
 REPO = SCRIPTS.parent.parent
 sys.path.insert(0, str(SCRIPTS))
 from mpi_trees import tree_for_rank  # noqa: E402
-
-MPIEXEC = shutil.which("mpiexec")
-LAUNCH_LIMIT_S = 60  # a launch that has not ended by then counts as a hang
-
-
-def _mpi_missing() -> str | None:
-    if MPIEXEC is None:
-        return "mpiexec not found; pip install 'minivit[mpi]'"
-    if importlib.util.find_spec("mpi4py") is None:
-        return "mpi4py not installed; pip install 'minivit[mpi]'"
-    return None
-
-
-needs_mpi = pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
 
 
 def _gpu_count() -> int:

@@ -26,17 +26,16 @@ bounds below allow five such worst-case flips: 1e-3 absolute, 1e-3 / ||p_1|| = 3
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mpi_support import LAUNCH_LIMIT_S, MPIEXEC, needs_mpi
 
 from minivit import distributed
 from minivit.checkpoint import read_npz
@@ -45,8 +44,6 @@ from minivit.train import DEMO_MODEL, DEMO_RECIPE, read_training_state
 
 SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
 REPO = SCRIPTS.parent.parent
-MPIEXEC = shutil.which("mpiexec")
-LAUNCH_LIMIT_S = 60  # a launch that has not ended by then counts as a hang
 NUM_CLASSES = 10  # the digits
 # A few demo steps; progress_every 1 logs every step, so a second writer would show.
 RECIPE = {
@@ -66,15 +63,6 @@ STEPS = RECIPE["total_steps"]
 FILES = {"checkpoint.npz", "config.json", "metrics.jsonl", "model.npz", "model.json"}
 
 
-def _mpi_missing() -> str | None:
-    if MPIEXEC is None:
-        return "mpiexec not found; pip install 'minivit[mpi]'"
-    if importlib.util.find_spec("mpi4py") is None:
-        return "mpi4py not installed; pip install 'minivit[mpi]'"
-    return None
-
-
-needs_mpi = pytest.mark.skipif(_mpi_missing() is not None, reason=str(_mpi_missing()))
 pytestmark = [needs_mpi, pytest.mark.mpi]
 
 

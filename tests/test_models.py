@@ -12,7 +12,8 @@ import pytest
 from test_parity import TINY, ZERO_GRAD_SUFFIXES, config_from_json, load_fixture, max_abs
 
 from minivit import backend
-from minivit.models import build_model, create_model, load
+from minivit.checkpoint import load
+from minivit.models import build_model, create_model
 from minivit.models.config import ResNetConfig, ViTConfig
 from minivit.models.registry import MODELS, param_shapes
 
