@@ -16,6 +16,12 @@ from minivit.kernels.attention import (
     attention_forward_ref,
 )
 from minivit.kernels.gelu import gelu_backward, gelu_backward_ref, gelu_forward, gelu_forward_ref
+from minivit.kernels.groupnorm import (
+    groupnorm_backward,
+    groupnorm_backward_ref,
+    groupnorm_forward,
+    groupnorm_forward_ref,
+)
 from minivit.kernels.layernorm import (
     layernorm_backward,
     layernorm_backward_ref,
@@ -39,6 +45,10 @@ __all__ = [
     "gelu_backward_ref",
     "gelu_forward",
     "gelu_forward_ref",
+    "groupnorm_backward",
+    "groupnorm_backward_ref",
+    "groupnorm_forward",
+    "groupnorm_forward_ref",
     "layernorm_backward",
     "layernorm_backward_ref",
     "layernorm_forward",

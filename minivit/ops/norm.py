@@ -97,6 +97,13 @@ class GroupNorm(Function):
     def forward(self, xp, x, scale, bias):
         self._check(x, scale, bias)
         b, c = x.shape[0], x.shape[-1]
+        if kernels.fusable(x, scale, bias):
+            rows = x.reshape(b, -1, c)  # (B, H*W, C)
+            y, mean, rstd = kernels.groupnorm_forward(
+                rows, scale.reshape(c), bias.reshape(c), self.num_groups, self.eps
+            )  # (B, H*W, C), (B, G), (B, G)
+            self.save(rows, mean, rstd, scale.reshape(c))
+            return y.reshape(x.shape)
         xg = x.reshape(b, -1, self.num_groups, c // self.num_groups)  # (B, H*W, G, C/G)
         mean, rstd = _statistics(xp, xg, (1, 3), self.eps)  # (B, 1, G, 1) each
         xhat = ((xg - mean) * rstd).reshape(x.shape)  # (B, H, W, C)
@@ -104,6 +111,16 @@ class GroupNorm(Function):
         return xhat * scale.reshape(c) + bias.reshape(c)
 
     def backward(self, xp, gy):
+        if len(self.saved) == 4:  # the fused kernel ran
+            rows, mean, rstd, scale = self.saved
+            gx, gscale, gbias = kernels.groupnorm_backward(
+                gy.reshape(rows.shape), rows, mean, rstd, scale, self.num_groups
+            )
+            return (
+                gx.reshape(gy.shape),
+                gscale.reshape(self.inputs[1].shape),
+                gbias.reshape(self.inputs[2].shape),
+            )
         xhat, rstd, scale = self.saved
         b, c = gy.shape[0], gy.shape[-1]
         gx = None
