@@ -6,8 +6,8 @@ over (H*W, C/G) with the fast variance `mean(x^2) - mean(x)^2` clipped at 0, eps
 mean and reciprocal std that the backward reuses.
 
 Two bodies: the NumPy reference (the spec; it is also what CuPy arrays run, as array code) and a
-Numba CPU body with one thread per (sample, group) that walks its slice twice forward and twice
-backward instead of the many full-array passes of the array code.
+Numba CPU body with one thread per sample that walks its rows in memory order twice forward
+and twice backward instead of the many full-array passes of the array code.
 """
 
 from __future__ import annotations
@@ -59,49 +59,54 @@ def groupnorm_backward_ref(gy, x, mean, rstd, scale, num_groups: int):
 def _forward_cpu(x, scale, bias, num_groups, eps, y, mean, rstd):
     b, s, c = x.shape
     cg = c // num_groups
-    for task in numba.prange(b * num_groups):
-        n, g = task // num_groups, task % num_groups
-        lo = g * cg
-        total = 0.0
-        total2 = 0.0
+    n_group = s * cg
+    for n in numba.prange(b):  # one sample per thread, rows walked in memory order
+        total = np.zeros(num_groups)
+        total2 = np.zeros(num_groups)
         for i in range(s):
-            for j in range(lo, lo + cg):
+            for j in range(c):
                 v = np.float64(x[n, i, j])
-                total += v
-                total2 += v * v
-        mu = total / (s * cg)
-        r = 1.0 / np.sqrt(max(total2 / (s * cg) - mu * mu, 0.0) + eps)
-        mean[n, g] = mu
-        rstd[n, g] = r
+                total[j // cg] += v
+                total2[j // cg] += v * v
+        shift = np.empty(c, np.float32)  # y = x * mul + shift per channel
+        mul = np.empty(c, np.float32)
+        for g in range(num_groups):
+            mu = total[g] / n_group
+            r = 1.0 / np.sqrt(max(total2[g] / n_group - mu * mu, 0.0) + eps)
+            mean[n, g] = mu
+            rstd[n, g] = r
+            for j in range(g * cg, (g + 1) * cg):
+                mul[j] = r * scale[j]
+                shift[j] = bias[j] - mu * r * scale[j]
         for i in range(s):
-            for j in range(lo, lo + cg):
-                y[n, i, j] = (x[n, i, j] - mu) * r * scale[j] + bias[j]
+            for j in range(c):
+                y[n, i, j] = x[n, i, j] * mul[j] + shift[j]
 
 
 @numba.njit(parallel=True, cache=True)
 def _backward_cpu(gy, x, mean, rstd, scale, num_groups, gx, gscale_parts, gbias_parts):
     b, s, c = x.shape
     cg = c // num_groups
-    for task in numba.prange(b * num_groups):
-        n, g = task // num_groups, task % num_groups
-        lo = g * cg
-        mu, r = np.float64(mean[n, g]), np.float64(rstd[n, g])
-        sum_g = 0.0
-        sum_gx = 0.0
+    n_group = s * cg
+    for n in numba.prange(b):  # one sample per thread, rows walked in memory order
+        sum_g = np.zeros(num_groups)
+        sum_gx = np.zeros(num_groups)
         for i in range(s):
-            for j in range(lo, lo + cg):
-                xhat = (x[n, i, j] - mu) * r
+            for j in range(c):
+                g = j // cg
+                xhat = (x[n, i, j] - np.float64(mean[n, g])) * rstd[n, g]
                 gxhat = np.float64(gy[n, i, j]) * scale[j]
-                sum_g += gxhat
-                sum_gx += gxhat * xhat
+                sum_g[g] += gxhat
+                sum_gx[g] += gxhat * xhat
                 gscale_parts[n, j] += gy[n, i, j] * xhat
                 gbias_parts[n, j] += gy[n, i, j]
-        m1 = sum_g / (s * cg)
-        m2 = sum_gx / (s * cg)
         for i in range(s):
-            for j in range(lo, lo + cg):
-                xhat = (x[n, i, j] - mu) * r
-                gx[n, i, j] = r * (gy[n, i, j] * scale[j] - m1 - xhat * m2)
+            for j in range(c):
+                g = j // cg
+                r = np.float64(rstd[n, g])
+                xhat = (x[n, i, j] - np.float64(mean[n, g])) * r
+                gxhat = np.float64(gy[n, i, j]) * scale[j]
+                gx[n, i, j] = r * (gxhat - sum_g[g] / n_group - xhat * sum_gx[g] / n_group)
 
 
 def groupnorm_forward(x, scale, bias, num_groups: int, eps: float = 1e-6, body: str | None = None):
