@@ -89,24 +89,35 @@ def _backward_cpu(gy, x, mean, rstd, scale, num_groups, gx, gscale_parts, gbias_
     cg = c // num_groups
     n_group = s * cg
     for n in numba.prange(b):  # one sample per thread, rows walked in memory order
-        sum_g = np.zeros(num_groups)
-        sum_gx = np.zeros(num_groups)
+        sum_gy = np.zeros(c)  # per channel: sum of gy, and of gy * x
+        sum_gyx = np.zeros(c)
         for i in range(s):
             for j in range(c):
-                g = j // cg
-                xhat = (x[n, i, j] - np.float64(mean[n, g])) * rstd[n, g]
-                gxhat = np.float64(gy[n, i, j]) * scale[j]
-                sum_g[g] += gxhat
-                sum_gx[g] += gxhat * xhat
-                gscale_parts[n, j] += gy[n, i, j] * xhat
-                gbias_parts[n, j] += gy[n, i, j]
+                sum_gy[j] += gy[n, i, j]
+                sum_gyx[j] += np.float64(gy[n, i, j]) * x[n, i, j]
+        # gx = r * (gy * scale - mean(gxhat) - xhat * mean(gxhat * xhat)), xhat = (x - mu) * r,
+        # rewritten per channel as gy * a + x * b + d
+        a = np.empty(c, np.float32)
+        bx = np.empty(c, np.float32)
+        d = np.empty(c, np.float32)
+        for g in range(num_groups):
+            mu, r = np.float64(mean[n, g]), np.float64(rstd[n, g])
+            m1 = 0.0
+            m2 = 0.0
+            for j in range(g * cg, (g + 1) * cg):
+                gscale_parts[n, j] = (sum_gyx[j] - mu * sum_gy[j]) * r  # sum of gy * xhat
+                gbias_parts[n, j] = sum_gy[j]
+                m1 += scale[j] * sum_gy[j]
+                m2 += scale[j] * gscale_parts[n, j]
+            m1 /= n_group
+            m2 /= n_group
+            for j in range(g * cg, (g + 1) * cg):
+                a[j] = r * scale[j]
+                bx[j] = -r * r * m2
+                d[j] = -r * m1 + mu * r * r * m2
         for i in range(s):
             for j in range(c):
-                g = j // cg
-                r = np.float64(rstd[n, g])
-                xhat = (x[n, i, j] - np.float64(mean[n, g])) * r
-                gxhat = np.float64(gy[n, i, j]) * scale[j]
-                gx[n, i, j] = r * (gxhat - sum_g[g] / n_group - xhat * sum_gx[g] / n_group)
+                gx[n, i, j] = gy[n, i, j] * a[j] + x[n, i, j] * bx[j] + d[j]
 
 
 def groupnorm_forward(x, scale, bias, num_groups: int, eps: float = 1e-6, body: str | None = None):
