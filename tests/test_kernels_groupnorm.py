@@ -10,9 +10,9 @@ from minivit.kernels import groupnorm
 SHAPES = [(1, 1, 64, 32), (2, 9, 64, 32), (3, 49, 96, 32), (2, 16, 256, 8)]  # (B, S, C, G)
 
 
-def _inputs(b, s, c, seed=0):
+def _inputs(b, s, c, seed=0, offset=0.5):
     rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((b, s, c)) * 2 + 0.5).astype(np.float32)
+    x = (rng.standard_normal((b, s, c)) * 2 + offset).astype(np.float32)
     scale = (1 + 0.1 * rng.standard_normal(c)).astype(np.float32)
     bias = rng.standard_normal(c).astype(np.float32)
     gy = rng.standard_normal((b, s, c)).astype(np.float32)
@@ -23,9 +23,10 @@ def _close(a, b, rtol=1e-5):
     np.testing.assert_allclose(a, b, rtol=0, atol=rtol * max(np.abs(b).max(), 1e-30))
 
 
+@pytest.mark.parametrize("offset", [0.5, 300.0])  # 300: groups far from zero mean
 @pytest.mark.parametrize("b,s,c,g", SHAPES)
-def test_cpu_body_matches_reference(b, s, c, g):
-    x, scale, bias, gy = _inputs(b, s, c)
+def test_cpu_body_matches_reference(b, s, c, g, offset):
+    x, scale, bias, gy = _inputs(b, s, c, offset=offset)
     ref = groupnorm.groupnorm_forward(x, scale, bias, g, body="ref")
     cpu = groupnorm.groupnorm_forward(x, scale, bias, g, body="cpu")
     for got, want in zip(cpu, ref):

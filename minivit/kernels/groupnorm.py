@@ -61,14 +61,19 @@ def _forward_cpu(x, scale, bias, num_groups, eps, y, mean, rstd):
     cg = c // num_groups
     n_group = s * cg
     for n in numba.prange(b):  # one sample per thread, rows walked in memory order
-        total = np.zeros(num_groups)
-        total2 = np.zeros(num_groups)
+        sum_x = np.zeros(c)  # per channel first, so the row loop vectorises
+        sum_x2 = np.zeros(c)
         for i in range(s):
             for j in range(c):
                 v = np.float64(x[n, i, j])
-                total[j // cg] += v
-                total2[j // cg] += v * v
-        shift = np.empty(c, np.float32)  # y = x * mul + shift per channel
+                sum_x[j] += v
+                sum_x2[j] += v * v
+        total = np.zeros(num_groups)
+        total2 = np.zeros(num_groups)
+        for j in range(c):
+            total[j // cg] += sum_x[j]
+            total2[j // cg] += sum_x2[j]
+        centre = np.empty(c)  # y = (x - centre) * mul + bias per channel; float64 mean
         mul = np.empty(c, np.float32)
         for g in range(num_groups):
             mu = total[g] / n_group
@@ -77,10 +82,10 @@ def _forward_cpu(x, scale, bias, num_groups, eps, y, mean, rstd):
             rstd[n, g] = r
             for j in range(g * cg, (g + 1) * cg):
                 mul[j] = r * scale[j]
-                shift[j] = bias[j] - mu * r * scale[j]
+                centre[j] = mu
         for i in range(s):
             for j in range(c):
-                y[n, i, j] = x[n, i, j] * mul[j] + shift[j]
+                y[n, i, j] = (x[n, i, j] - centre[j]) * mul[j] + bias[j]
 
 
 @numba.njit(parallel=True, cache=True)
@@ -96,7 +101,8 @@ def _backward_cpu(gy, x, mean, rstd, scale, num_groups, gx, gscale_parts, gbias_
                 sum_gy[j] += gy[n, i, j]
                 sum_gyx[j] += np.float64(gy[n, i, j]) * x[n, i, j]
         # gx = r * (gy * scale - mean(gxhat) - xhat * mean(gxhat * xhat)), xhat = (x - mu) * r,
-        # rewritten per channel as gy * a + x * b + d
+        # rewritten per channel as gy * a + (x - centre) * bx + d
+        centre = np.empty(c, np.float32)
         a = np.empty(c, np.float32)
         bx = np.empty(c, np.float32)
         d = np.empty(c, np.float32)
@@ -112,12 +118,13 @@ def _backward_cpu(gy, x, mean, rstd, scale, num_groups, gx, gscale_parts, gbias_
             m1 /= n_group
             m2 /= n_group
             for j in range(g * cg, (g + 1) * cg):
+                centre[j] = mu
                 a[j] = r * scale[j]
                 bx[j] = -r * r * m2
-                d[j] = -r * m1 + mu * r * r * m2
+                d[j] = -r * m1
         for i in range(s):
             for j in range(c):
-                gx[n, i, j] = gy[n, i, j] * a[j] + x[n, i, j] * bx[j] + d[j]
+                gx[n, i, j] = gy[n, i, j] * a[j] + (x[n, i, j] - centre[j]) * bx[j] + d[j]
 
 
 def groupnorm_forward(x, scale, bias, num_groups: int, eps: float = 1e-6, body: str | None = None):
