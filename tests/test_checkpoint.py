@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_registry import MODEL_FIXTURES, config_from_json
+from golden import MODEL_FIXTURES, config_from_json
 
 from minivit import checkpoint
 from minivit.checkpoint import (

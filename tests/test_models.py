@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 import pytest
-from test_parity import TINY, ZERO_GRAD_SUFFIXES, config_from_json, load_fixture, max_abs
+from golden import fixture_config
+from test_parity import TINY, ZERO_GRAD_SUFFIXES, load_fixture, max_abs
 
 from minivit import backend
 from minivit.checkpoint import load
@@ -23,7 +24,7 @@ TINY_VIT = ViTConfig("tiny", (8, 8), hidden_size=32, mlp_dim=64, num_heads=2, nu
 @pytest.mark.parametrize("name", TINY)
 def test_keys_shapes_and_count_match_the_official_model(golden_tiny, name):
     directory = golden_tiny / name
-    config, num_classes, image_size = config_from_json(directory / "config.json")
+    config, num_classes, image_size = fixture_config(directory / "config.json")
     model = build_model(config, num_classes, image_size)
     with np.load(directory / "model.npz") as reference:
         shapes = {key: reference[key].shape for key in reference}
@@ -33,7 +34,7 @@ def test_keys_shapes_and_count_match_the_official_model(golden_tiny, name):
 
 @pytest.mark.parametrize("name", ["Ti_16", "R_Ti_16"])
 def test_full_parameter_counts(golden_full, name):
-    config, num_classes, image_size = config_from_json(golden_full / name / "config.json")
+    config, num_classes, image_size = fixture_config(golden_full / name / "config.json")
     model = build_model(config, num_classes, image_size)
     assert model.num_params == {"Ti_16": 5_717_416, "R_Ti_16": 6_337_704}[name]  # models_test.py
 

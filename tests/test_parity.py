@@ -9,65 +9,25 @@ the models, not on the checkpoint reader or the registry.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from golden import MODEL_FIXTURES, fixture_config
 
 from minivit.models import build_model
-from minivit.models.config import MixerConfig, ResNetConfig, ViTConfig
 
-TINY = [
-    "vit_tiny_token",
-    "vit_tiny_prelogits",
-    "vit_tiny_gap",
-    "hybrid_tiny",
-    "hybrid_stem_tiny",
-    "mixer_tiny",
-]
+TINY = MODEL_FIXTURES
 FULL = ["Ti_16", "R_Ti_16"]
 # Gradients that are zero in exact arithmetic: softmax ignores a key shift shared by all keys, and
 # a per-token shift equal across channels is removed by the LayerNorms that follow.
 ZERO_GRAD_SUFFIXES = ("MultiHeadDotProductAttention_1/key/bias", "token_mixing/Dense_1/bias")
 
 
-def config_from_json(path: Path) -> tuple[ViTConfig | MixerConfig, int, int]:
-    """(config, num_classes, image_size) from a fixture's official `config.json`."""
-    meta = json.loads(path.read_text())
-    mc = meta["model_config"]
-    patches = tuple(mc["patches"]["size"])
-    if meta["model_type"] == "Mixer":
-        config = MixerConfig(
-            name=mc["model_name"],
-            patches=patches,
-            hidden_dim=mc["hidden_dim"],
-            num_blocks=mc["num_blocks"],
-            tokens_mlp_dim=mc["tokens_mlp_dim"],
-            channels_mlp_dim=mc["channels_mlp_dim"],
-        )
-    else:
-        t, r = mc["transformer"], mc.get("resnet")
-        config = ViTConfig(
-            name=mc["model_name"],
-            patches=patches,
-            hidden_size=mc["hidden_size"],
-            mlp_dim=t["mlp_dim"],
-            num_heads=t["num_heads"],
-            num_layers=t["num_layers"],
-            classifier=mc["classifier"],
-            representation_size=mc["representation_size"],
-            dropout_rate=t["dropout_rate"],
-            attention_dropout_rate=t["attention_dropout_rate"],
-            resnet=None if r is None else ResNetConfig(tuple(r["num_layers"]), r["width_factor"]),
-        )
-    return config, meta["num_classes"], meta["image_size"]
-
-
 @functools.cache
 def load_fixture(directory: Path):
     """(model with model.npz loaded, inputs, expected) for one fixture directory; cached."""
-    config, num_classes, image_size = config_from_json(directory / "config.json")
+    config, num_classes, image_size = fixture_config(directory / "config.json")
     model = build_model(config, num_classes, image_size)
     with np.load(directory / "model.npz") as params:
         model.load_params(dict(params))

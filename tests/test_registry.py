@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from golden import MODEL_FIXTURES, config_from_json
 
-from minivit.models.config import MixerConfig, ResNetConfig, ViTConfig
+from minivit.models.config import MixerConfig, ResNetConfig
 from minivit.models.registry import (
     MODELS,
     AugRegName,
@@ -44,45 +45,6 @@ OFFICIAL_PARAM_COUNTS = {
     "ViT-S_32-gap-norep": 22_878_184,
     "ViT-Ti_16": 5_717_416,
 }
-
-MODEL_FIXTURES = [
-    "vit_tiny_token",
-    "vit_tiny_prelogits",
-    "vit_tiny_gap",
-    "hybrid_tiny",
-    "hybrid_stem_tiny",
-    "mixer_tiny",
-]
-
-
-def config_from_json(model_config: dict) -> ViTConfig | MixerConfig:
-    """A minivit config from an official `model_config` dict (golden config.json)."""
-    patches = tuple(model_config["patches"]["size"])
-    if "hidden_dim" in model_config:
-        return MixerConfig(
-            "custom",
-            patches,
-            model_config["hidden_dim"],
-            model_config["num_blocks"],
-            model_config["tokens_mlp_dim"],
-            model_config["channels_mlp_dim"],
-        )
-    t, resnet = model_config["transformer"], model_config.get("resnet")
-    return ViTConfig(
-        "custom",
-        patches,
-        model_config["hidden_size"],
-        t["mlp_dim"],
-        t["num_heads"],
-        t["num_layers"],
-        model_config["classifier"],
-        model_config["representation_size"],
-        t["dropout_rate"],
-        t["attention_dropout_rate"],
-        None
-        if resnet is None
-        else ResNetConfig(tuple(resnet["num_layers"]), resnet["width_factor"]),
-    )
 
 
 def test_registry_holds_every_official_image_model():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_registry import MODEL_FIXTURES
+from golden import MODEL_FIXTURES
 
 from minivit import checkpoint
 from minivit.checkpoint import CheckpointError, read_npz
