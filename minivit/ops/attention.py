@@ -44,7 +44,8 @@ class DotProductAttention(Function):
 
     def forward(self, xp, q, k, v):
         self._check(q, k, v)
-        if self.dropout_rate == 0.0 and q.shape == k.shape and kernels.fusable(q, k, v):
+        self.fused = self.dropout_rate == 0.0 and q.shape == k.shape and kernels.fusable(q, k, v)
+        if self.fused:
             return self._fused_forward(q, k, v)
         heads = [xp.ascontiguousarray(a.transpose(0, 2, 1, 3)) for a in (q, k, v)]  # BLAS-ready
         qh = heads[0] / math.sqrt(q.shape[-1])  # (B, NH, Nq, K)
@@ -65,7 +66,7 @@ class DotProductAttention(Function):
         return o.transpose(0, 2, 1, 3)  # (B, N, NH, K)
 
     def backward(self, xp, gy):
-        if len(self.saved) == 5:  # the fused kernel ran
+        if self.fused:
             go = gy.transpose(0, 2, 1, 3)  # (B, NH, N, K)
             grads = kernels.attention_backward(go, *self.saved)
             return tuple(g.transpose(0, 2, 1, 3) for g in grads)  # (B, N, NH, K) each

@@ -37,7 +37,8 @@ class SoftmaxCrossEntropy(Function):
     def forward(self, xp, logits, labels):
         labels = xp.asarray(labels)
         self._check(xp, logits, labels)
-        if kernels.fusable(logits) and not self.needs_grad[1]:
+        self.fused = kernels.fusable(logits) and not self.needs_grad[1]
+        if self.fused:
             return self._fused_forward(xp, logits, labels)
         z = logits - logits.max(axis=1, keepdims=True)  # (B, C)
         logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))  # (B, C)
@@ -61,7 +62,7 @@ class SoftmaxCrossEntropy(Function):
         return xp.asarray(rows.mean(), dtype=logits.dtype)
 
     def backward(self, xp, gy):
-        if len(self.saved) == 3:  # the fused kernel ran
+        if self.fused:
             logits, onehot, lse = self.saved
             g_rows = xp.full(logits.shape[0], gy / logits.shape[0], logits.dtype)  # (B,)
             return kernels.softmax_xent_backward(g_rows, logits, onehot, lse), None
