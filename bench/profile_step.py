@@ -16,6 +16,7 @@ give the time BLAS needs for them, the floor the step can approach.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per op kind")
     args = parser.parse_args(argv)
     _common.setup_threads(args.threads)
+    importlib.import_module("minivit")  # before NumPy loads OpenBLAS: minivit/__init__.py
     import step  # noqa: PLC0415  (after the thread setup: it imports numpy lazily)
 
     gemm = step.numpy_gemm_rate()

@@ -16,6 +16,7 @@ rate (matmul and conv FLOPs counted from the config, training = 3x forward) over
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -191,6 +192,7 @@ def _timing_plan(mode: str, batch: int, budget_s: float) -> dict:
 # ---- the three frameworks (each runs in its own child process) -----------------------------------
 def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
     """minivit: Model.forward under no_grad, or loss_and_grads + SGDMomentum.update."""
+    importlib.import_module("minivit")  # before NumPy loads OpenBLAS: minivit/__init__.py
     import numba  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 

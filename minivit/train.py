@@ -637,6 +637,11 @@ def header_lines(run: _Run) -> list[str]:
     if c.resume:
         lines.append(f"  resuming    at step {run.step} of {c.total_steps}")
     lines += departures(c, pretrained=run.source_checkpoint is not None)
+    if not minivit.BLAS_THREADS_SLEEP:
+        lines.append(
+            "note: NumPy was imported before minivit, so OpenBLAS threads spin between calls and "
+            "steps run ~10% slower; import minivit first or set OPENBLAS_THREAD_TIMEOUT=4"
+        )
     lines.append(
         "note: the first step includes compiling minivit's kernels (numba), so it is slower "
         "than the rest"

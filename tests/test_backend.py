@@ -67,3 +67,22 @@ def test_minivit_malloc_system_keeps_glibc_defaults():
     assert info["tuned"] is False
     assert info["mmapped_alive"] >= 256 * 2**20  # glibc's default: a large block is mmapped
     assert info["heap_freed"] < 256 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("imports", "env", "sleeps"),
+    [
+        ("import minivit, numpy", {}, True),  # minivit sets the timeout before OpenBLAS loads
+        ("import numpy, minivit", {}, False),  # too late: OpenBLAS already read its environment
+        ("import numpy, minivit", {"OPENBLAS_THREAD_TIMEOUT": "6"}, True),  # the user's value
+    ],
+)
+def test_openblas_threads_sleep_when_minivit_comes_first(imports, env, sleeps):
+    clean = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    report = "print(minivit.BLAS_THREADS_SLEEP, os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    code = f"{imports}, os; {report}"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+        check=True, timeout=120,
+    )  # fmt: skip
+    assert out.stdout.split() == [str(sleeps), env.get("OPENBLAS_THREAD_TIMEOUT", "4")]
