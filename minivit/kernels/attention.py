@@ -7,7 +7,9 @@ online softmax (running row max and sum, rescaling the partial output when the m
 keeps only the per-row log-sum-exp `lse`; the backward recomputes each block of probabilities
 `p = exp(s - lse)` from it. Extra memory is O(B NH N) plus O(block^2) per thread.
 
-CPU body: Numba threads take one (batch, head) pair each; the block products go to BLAS
+CPU body: Numba threads take one (batch, head) pair each and copy that head of q, k, v (and go)
+into contiguous per-thread blocks, so strided inputs (the flax op's transposed views) cost no
+NumPy copies and the outputs keep the inputs' memory layout; the block products go to BLAS
 (`np.dot`, limited to one thread per Numba thread), the softmax and rescaling are Numba loops.
 GPU body: one thread per query row (forward, dq) or key row (dk, dv), key / query tiles staged
 in shared memory; the backward runs the two kernels FlashAttention-2 style, without atomics.
@@ -84,23 +86,35 @@ def _online_softmax(s, row_max, row_sum, acc):
             acc[r, d] *= alpha
 
 
+@numba.njit(inline="always", fastmath=True, cache=True)
+def _stage(src, b, h, scale, dst):
+    """dst <- src[b, h] * scale: one head as a C-contiguous (N, K) block, whatever src's strides."""
+    for r in range(dst.shape[0]):
+        for d in range(dst.shape[1]):
+            dst[r, d] = src[b, h, r, d] * scale
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def _forward_cpu(q, k, v, q_block, kv_block, o, lse):
     b_size, heads, n, dim = q.shape
     scale = np.float32(1.0 / math.sqrt(dim))
     for t in numba.prange(b_size * heads):  # one (batch, head) pair per task
         b, h = t // heads, t % heads
+        qs, ks = np.empty((n, dim), np.float32), np.empty((n, dim), np.float32)
+        vs = np.empty((n, dim), np.float32)
+        _stage(q, b, h, scale, qs)
+        _stage(k, b, h, np.float32(1.0), ks)
+        _stage(v, b, h, np.float32(1.0), vs)
         for i0 in range(0, n, q_block):
             i1 = min(i0 + q_block, n)
-            qs = q[b, h, i0:i1] * scale  # (m, K)
             acc = np.zeros((i1 - i0, dim), np.float32)  # (m, K): unnormalised output
             row_max = np.full(i1 - i0, _NO_MAX, np.float32)
             row_sum = np.zeros(i1 - i0, np.float32)
             for j0 in range(0, n, kv_block):
                 j1 = min(j0 + kv_block, n)
-                s = np.dot(qs, k[b, h, j0:j1].T)  # (m, n_blk)
+                s = np.dot(qs[i0:i1], ks[j0:j1].T)  # (m, n_blk)
                 _online_softmax(s, row_max, row_sum, acc)
-                acc += np.dot(s, v[b, h, j0:j1])  # (m, K)
+                acc += np.dot(s, vs[j0:j1])  # (m, K)
             for r in range(i1 - i0):
                 inv = np.float32(1.0) / row_sum[r]
                 for d in range(dim):
@@ -122,34 +136,48 @@ def _probs_and_grad(s, gp, lse, delta):
 def _backward_cpu(go, q, k, v, o, lse, q_block, kv_block, gq, gk, gv):
     b_size, heads, n, dim = q.shape
     scale = np.float32(1.0 / math.sqrt(dim))
+    one = np.float32(1.0)
     for t in numba.prange(b_size * heads):  # one (batch, head) pair per task
         b, h = t // heads, t % heads
-        qs = q[b, h] * scale  # (N, K)
+        qs, ks = np.empty((n, dim), np.float32), np.empty((n, dim), np.float32)
+        vs, gos = np.empty((n, dim), np.float32), np.empty((n, dim), np.float32)
+        _stage(q, b, h, scale, qs)
+        _stage(k, b, h, one, ks)
+        _stage(v, b, h, one, vs)
+        _stage(go, b, h, one, gos)
         delta = np.empty(n, np.float32)  # (N,): rowsum(go * o) = rowsum(p * gp)
         for r in range(n):
-            delta[r] = np.sum(go[b, h, r] * o[b, h, r])
-        gq[b, h] = 0.0
+            total = np.float32(0.0)
+            for d in range(dim):
+                total += gos[r, d] * o[b, h, r, d]
+            delta[r] = total
+        gq_h = np.zeros((n, dim), np.float32)
         for j0 in range(0, n, kv_block):
             j1 = min(j0 + kv_block, n)
-            kj, vj = k[b, h, j0:j1], v[b, h, j0:j1]  # (n_blk, K)
+            kj, vj = ks[j0:j1], vs[j0:j1]  # (n_blk, K)
             gk_j = np.zeros((j1 - j0, dim), np.float32)
             gv_j = np.zeros((j1 - j0, dim), np.float32)
             for i0 in range(0, n, q_block):
                 i1 = min(i0 + q_block, n)
-                go_i = go[b, h, i0:i1]  # (m, K)
+                go_i = gos[i0:i1]  # (m, K)
                 s = np.dot(qs[i0:i1], kj.T)  # (m, n_blk)
                 gs = np.dot(go_i, vj.T)  # (m, n_blk): gp, then gs in place
                 _probs_and_grad(s, gs, lse[b, h, i0:i1], delta[i0:i1])
                 gv_j += np.dot(s.T, go_i)
-                gq[b, h, i0:i1] += np.dot(gs, kj) * scale
+                gq_h[i0:i1] += np.dot(gs, kj)
                 gk_j += np.dot(gs.T, qs[i0:i1])  # qs carries the scale
-            gk[b, h, j0:j1] = gk_j
-            gv[b, h, j0:j1] = gv_j
+            for r in range(j1 - j0):
+                for d in range(dim):
+                    gk[b, h, j0 + r, d] = gk_j[r, d]
+                    gv[b, h, j0 + r, d] = gv_j[r, d]
+        for r in range(n):
+            for d in range(dim):
+                gq[b, h, r, d] = gq_h[r, d] * scale
 
 
 def _forward_cpu_body(q, k, v):
     _dispatch.cpu_ready()
-    o = np.empty_like(q)
+    o = np.empty_like(q)  # q's layout: (B, N, NH, K) memory for the flax op's transposed views
     lse = np.empty(q.shape[:3], np.float32)
     with _dispatch.blas_single_thread():
         _forward_cpu(q, k, v, Q_BLOCK, KV_BLOCK, o, lse)
@@ -158,7 +186,7 @@ def _forward_cpu_body(q, k, v):
 
 def _backward_cpu_body(go, q, k, v, o, lse):
     _dispatch.cpu_ready()
-    gq, gk, gv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    gq, gk, gv = np.empty_like(q), np.empty_like(k), np.empty_like(v)  # the inputs' layouts
     with _dispatch.blas_single_thread():
         _backward_cpu(go, q, k, v, o, lse, Q_BLOCK, KV_BLOCK, gq, gk, gv)
     return gq, gk, gv
@@ -325,7 +353,7 @@ def _backward_gpu_body(go, q, k, v, o, lse):
 
 
 def _prepared(kernel: str, body: str, q, *others):
-    """Check the (B, NH, N, K) shapes; float32 C-contiguous copies for the fused bodies."""
+    """Check the (B, NH, N, K) shapes; float32 arrays (C-contiguous for the GPU body)."""
     for a in (q, *others[:4]):
         if a.ndim != 4 or a.shape != q.shape:
             raise ValueError(
@@ -338,6 +366,8 @@ def _prepared(kernel: str, body: str, q, *others):
             f"{kernel}: head_dim {q.shape[-1]} exceeds the GPU body's GPU_MAX_HEAD "
             f"{GPU_MAX_HEAD}; raise minivit.kernels.attention.GPU_MAX_HEAD"
         )
+    if body == "cpu":  # the CPU body stages each head itself: any strides, no NumPy copies
+        return [a.astype(np.float32, copy=False) for a in (q, *others)]
     return _dispatch.float32_rows(backend.xp_of(q), q, *others)
 
 
