@@ -67,3 +67,24 @@ def test_cross_entropy_fused_matches_plain():
     )
     np.testing.assert_allclose(y1h, y64, rtol=1e-6)
     np.testing.assert_allclose(g1h, g64, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("size", "window", "stride", "padding"),
+    [(15, 7, 2, "SAME"), (9, 3, 1, "SAME"), (10, 3, 2, "SAME"), (11, 3, 2, "VALID")],
+)
+def test_conv_im2col_fused_matches_plain(size, window, stride, padding):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, size, size, 3))
+    kernel = rng.standard_normal((window, window, 3, 4))
+    fn = lambda x, k: ops.conv2d(x, k, stride=stride, padding=padding)  # noqa: E731
+    y_shape = ops.conv2d(Tensor(x), Tensor(kernel), stride=stride, padding=padding).shape
+    _agree(fn, [x, kernel], y_shape)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_max_pool_fused_matches_plain(relu):
+    x = np.random.default_rng(7).standard_normal((2, 11, 10, 5))
+    x = np.maximum(x, 0) if relu else x
+    y_shape = ops.max_pool(Tensor(x)).shape
+    _agree(ops.max_pool, [x], y_shape)

@@ -1,4 +1,5 @@
-"""Fused hot paths of a ViT step: LayerNorm, GELU, attention and softmax cross-entropy.
+"""Fused hot paths of a step: LayerNorm, GroupNorm, GELU, attention, softmax cross-entropy, and
+the window sweeps of convolutions and max pooling (im2col, col2im).
 
 Each kernel is one public function over raw arrays (no autograd) with three bodies: `*_ref`
 (plain NumPy, the spec), a Numba CPU body and a Numba CUDA body for CuPy arrays. The array type
@@ -28,6 +29,12 @@ from minivit.kernels.layernorm import (
     layernorm_forward,
     layernorm_forward_ref,
 )
+from minivit.kernels.window import (
+    col2im,
+    im2col,
+    max_pool_backward,
+    max_pool_forward,
+)
 from minivit.kernels.xent import (
     softmax_xent_backward,
     softmax_xent_backward_ref,
@@ -41,6 +48,7 @@ __all__ = [
     "attention_backward_ref",
     "attention_forward",
     "attention_forward_ref",
+    "col2im",
     "gelu_backward",
     "gelu_backward_ref",
     "gelu_forward",
@@ -49,10 +57,13 @@ __all__ = [
     "groupnorm_backward_ref",
     "groupnorm_forward",
     "groupnorm_forward_ref",
+    "im2col",
     "layernorm_backward",
     "layernorm_backward_ref",
     "layernorm_forward",
     "layernorm_forward_ref",
+    "max_pool_backward",
+    "max_pool_forward",
     "softmax_xent_backward",
     "softmax_xent_backward_ref",
     "softmax_xent_forward",

@@ -4,14 +4,17 @@
 before = total // 2, after = the rest (7x7/2 on 224 pads (2, 3); 3x3/2 on even n pads (0, 1)).
 A convolution is one GEMM on a column matrix: a 1x1 kernel reads the (strided) pixels directly,
 a kernel equal to its stride without padding (patch embedding) reshapes the image into patches,
-and every other kernel builds the columns by im2col (kh * kw strided copies).
+and every other kernel builds the columns by im2col (`kernels.window`: a Numba body for float32
+NumPy arrays, kh * kw strided copies otherwise).
 """
 
 from __future__ import annotations
 
 import math
 
+from minivit import kernels
 from minivit.autograd import Function, Tensor
+from minivit.kernels import window
 from minivit.ops.elementwise import as_dtype, float_dtype
 from minivit.ops.reduce import mean
 
@@ -62,13 +65,6 @@ class _Columns:
         else:
             self.kind = "im2col"
 
-    def tap(self, i: int, j: int):
-        """The slice of the padded image that kernel tap (i, j) reads."""
-        (sh, sw), (oh, ow) = self.stride, self.out_hw
-        rows = slice(i, i + sh * (oh - 1) + 1, sh)
-        cols = slice(j, j + sw * (ow - 1) + 1, sw)
-        return slice(None), rows, cols
-
     def columns(self, xp, x):
         b, _, _, c = x.shape
         (kh, kw), (sh, sw), (oh, ow) = self.window, self.stride, self.out_hw
@@ -77,12 +73,8 @@ class _Columns:
         if self.kind == "patches":
             grid = x[:, : oh * kh, : ow * kw].reshape(b, oh, kh, ow, kw, c)  # (B,OH,kh,OW,kw,C)
             return grid.transpose(0, 1, 3, 2, 4, 5).reshape(b * oh * ow, kh * kw * c)
-        padded = xp.pad(x, ((0, 0), *self.pads, (0, 0))) if self.pads != ((0, 0), (0, 0)) else x
-        cols = xp.empty((b, oh, ow, kh, kw, c), dtype=x.dtype)  # (B, OH, OW, kh, kw, C)
-        for i in range(kh):
-            for j in range(kw):
-                cols[:, :, :, i, j] = padded[self.tap(i, j)]
-        return cols.reshape(b * oh * ow, kh * kw * c)
+        sweep = kernels.im2col if kernels.fusable(x) else window.im2col_ref
+        return sweep(x, self.window, self.stride, self.pads, self.out_hw)
 
     def scatter(self, xp, gcols):
         """The adjoint of `columns`: gradients of the columns summed back onto the image."""
@@ -90,21 +82,16 @@ class _Columns:
         (kh, kw), (sh, sw), (oh, ow) = self.window, self.stride, self.out_hw
         if self.kind == "pointwise" and (sh, sw) == (1, 1):
             return gcols.reshape(self.x_shape)
+        if self.kind == "im2col":
+            adjoint = kernels.col2im if kernels.fusable(gcols) else window.col2im_ref
+            return adjoint(gcols, self.x_shape, self.window, self.stride, self.pads, self.out_hw)
         gx = xp.zeros(self.x_shape, dtype=gcols.dtype)
         if self.kind == "pointwise":
             gx[:, ::sh, ::sw] = gcols.reshape(b, oh, ow, c)
             return gx
-        g6 = gcols.reshape(b, oh, ow, kh, kw, c)  # (B, OH, OW, kh, kw, C)
-        if self.kind == "patches":
-            g6 = g6.transpose(0, 1, 3, 2, 4, 5)  # (B, OH, kh, OW, kw, C)
-            gx[:, : oh * kh, : ow * kw] = g6.reshape(b, oh * kh, ow * kw, c)
-            return gx
-        (pt, pb), (pl, pr) = self.pads
-        gpad = xp.zeros((b, h + pt + pb, w + pl + pr, c), dtype=gcols.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                gpad[self.tap(i, j)] += g6[:, :, :, i, j]
-        return gpad[:, pt : pt + h, pl : pl + w]
+        g6 = gcols.reshape(b, oh, ow, kh, kw, c).transpose(0, 1, 3, 2, 4, 5)  # (B,OH,kh,OW,kw,C)
+        gx[:, : oh * kh, : ow * kw] = g6.reshape(b, oh * kh, ow * kw, c)
+        return gx
 
 
 class Conv2D(Function):
@@ -173,28 +160,16 @@ class MaxPool(Function):
         if x.ndim != 4:
             raise self.shape_error(f"input of shape {x.shape} must be (B, H, W, C)")
         pads, out_hw = _geometry(self, x.shape[1:3], self.window, self.stride, self.padding)
-        self.plan = _Columns(x.shape, self.window, self.stride, pads, out_hw)
-        padded = xp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-xp.inf)
-        kh, kw = self.window
-        y = padded[self.plan.tap(0, 0)].copy()  # (B, OH, OW, C)
-        arg = xp.zeros(y.shape, dtype=xp.int16)  # which tap holds the maximum
-        for t in range(1, kh * kw):
-            tap = padded[self.plan.tap(t // kw, t % kw)]
-            better = tap > y
-            arg[better] = t
-            xp.maximum(y, tap, out=y)
+        self.pads, self.fused = pads, kernels.fusable(x)
+        sweep = kernels.max_pool_forward if self.fused else window.max_pool_forward_ref
+        y, arg = sweep(x, self.window, self.stride, pads, out_hw)  # arg: the winning tap
         self.save(arg)
         return y
 
     def backward(self, xp, gy):
         (arg,) = self.saved
-        b, h, w, c = self.inputs[0].shape
-        (pt, pb), (pl, pr) = self.plan.pads
-        kh, kw = self.window
-        gpad = xp.zeros((b, h + pt + pb, w + pl + pr, c), dtype=gy.dtype)
-        for t in range(kh * kw):
-            gpad[self.plan.tap(t // kw, t % kw)] += xp.where(arg == t, gy, 0)
-        return gpad[:, pt : pt + h, pl : pl + w]
+        adjoint = kernels.max_pool_backward if self.fused else window.max_pool_backward_ref
+        return adjoint(gy, arg, self.inputs[0].shape, self.window, self.stride, self.pads)
 
 
 def conv2d(x, kernel, bias=None, stride=1, padding: str = "SAME") -> Tensor:
