@@ -102,3 +102,22 @@ def test_rejects_mismatched_shapes_with_a_layout_hint():
     q = np.zeros((1, 2, 5, 8), np.float32)
     with pytest.raises(ValueError, match=r"axes \(0, 2, 1, 3\)"):
         attention_forward(q, q, q.transpose(0, 2, 1, 3), body="cpu")
+
+
+def test_cpu_body_reads_strided_and_broadcast_heads():
+    # the flax op hands over (B, N, NH, K) memory as (B, NH, N, K) views; a broadcast key (row
+    # stride 0) and a reversed head axis must still give the reference's numbers
+    rng = np.random.default_rng(9)
+    q, k, v, go = (rng.standard_normal((2, 37, 3, 16)).astype(np.float32) for _ in range(4))
+    qh, vh, goh = (a.transpose(0, 2, 1, 3) for a in (q, v, go))
+    kh = np.broadcast_to(k[:, :1].transpose(0, 2, 1, 3), qh.shape)  # one key row for all
+    vh = vh[:, ::-1]
+    o, lse = attention_forward(qh, kh, vh, body="cpu")
+    o_ref, lse_ref = attention_forward_ref(qh, kh, vh)
+    assert_matches(o, o_ref)
+    assert_matches(lse, lse_ref)
+    got = attention_backward(goh, qh, kh, vh, o, lse, body="cpu")
+    want = attention_backward_ref(goh, qh, kh, vh, o_ref, lse_ref)
+    for g, w in zip(got, want):  # gq is ~0 here (equal keys): compare on the scale of go
+        assert_matches(g, w, rtol=2e-5, scale=1.0)
+    assert o.transpose(0, 2, 1, 3).flags.c_contiguous  # the outputs take q's (B, N, NH, K) layout

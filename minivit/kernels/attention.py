@@ -7,10 +7,11 @@ online softmax (running row max and sum, rescaling the partial output when the m
 keeps only the per-row log-sum-exp `lse`; the backward recomputes each block of probabilities
 `p = exp(s - lse)` from it. Extra memory is O(B NH N) plus O(block^2) per thread.
 
-CPU body: Numba threads take one (batch, head) pair each and copy that head of q, k, v (and go)
-into contiguous per-thread blocks, so strided inputs (the flax op's transposed views) cost no
-NumPy copies and the outputs keep the inputs' memory layout; the block products go to BLAS
-(`np.dot`, limited to one thread per Numba thread), the softmax and rescaling are Numba loops.
+CPU body: Numba threads take one (batch, head) pair each. The block products go to BLAS `sgemm`
+(`_blas.gemm`, limited to one thread per Numba thread), which reads each head in place from
+strided inputs (the flax op's transposed views), folds the 1/sqrt(K) scale into its alpha and
+accumulates the gradients in the outputs; the outputs keep the inputs' memory layout, so the op
+reshapes them without copies. The softmax and rescaling are Numba loops.
 GPU body: one thread per query row (forward, dq) or key row (dk, dv), key / query tiles staged
 in shared memory; the backward runs the two kernels FlashAttention-2 style, without atomics.
 """
@@ -25,7 +26,7 @@ import numpy as np
 from numba import cuda  # the simulator swaps this global for NUMBA_ENABLE_CUDASIM=1
 
 from minivit import backend
-from minivit.kernels import _dispatch
+from minivit.kernels import _blas, _dispatch
 from minivit.kernels._vecmath import exp32
 
 Q_BLOCK = 64  # query rows per CPU block
@@ -33,6 +34,7 @@ KV_BLOCK = 512  # keys per CPU block; N <= KV_BLOCK needs no online rescaling
 GPU_ROWS = 64  # threads (query or key rows) per GPU block
 GPU_TILE = 32  # keys (or queries) per shared-memory tile
 GPU_MAX_HEAD = 128  # largest head_dim the GPU kernels hold in registers
+_N, _T = _blas.N, _blas.T
 _NO_MAX = np.float32(-3.0e38)  # running max before any key: finite, as fastmath assumes no inf
 
 
@@ -86,25 +88,14 @@ def _online_softmax(s, row_max, row_sum, acc):
             acc[r, d] *= alpha
 
 
-@numba.njit(inline="always", fastmath=True, cache=True)
-def _stage(src, b, h, scale, dst):
-    """dst <- src[b, h] * scale: one head as a C-contiguous (N, K) block, whatever src's strides."""
-    for r in range(dst.shape[0]):
-        for d in range(dst.shape[1]):
-            dst[r, d] = src[b, h, r, d] * scale
-
-
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def _forward_cpu(q, k, v, q_block, kv_block, o, lse):
     b_size, heads, n, dim = q.shape
     scale = np.float32(1.0 / math.sqrt(dim))
+    one, zero = np.float32(1.0), np.float32(0.0)
     for t in numba.prange(b_size * heads):  # one (batch, head) pair per task
         b, h = t // heads, t % heads
-        qs, ks = np.empty((n, dim), np.float32), np.empty((n, dim), np.float32)
-        vs = np.empty((n, dim), np.float32)
-        _stage(q, b, h, scale, qs)
-        _stage(k, b, h, np.float32(1.0), ks)
-        _stage(v, b, h, np.float32(1.0), vs)
+        qh, kh, vh = q[b, h], k[b, h], v[b, h]  # (N, K) strided blocks, read in place by BLAS
         for i0 in range(0, n, q_block):
             i1 = min(i0 + q_block, n)
             acc = np.zeros((i1 - i0, dim), np.float32)  # (m, K): unnormalised output
@@ -112,11 +103,12 @@ def _forward_cpu(q, k, v, q_block, kv_block, o, lse):
             row_sum = np.zeros(i1 - i0, np.float32)
             for j0 in range(0, n, kv_block):
                 j1 = min(j0 + kv_block, n)
-                s = np.dot(qs[i0:i1], ks[j0:j1].T)  # (m, n_blk)
+                s = np.empty((i1 - i0, j1 - j0), np.float32)  # (m, n_blk): scaled scores
+                _blas.gemm(_N, _T, i1 - i0, j1 - j0, dim, scale, qh[i0:i1], kh[j0:j1], zero, s)
                 _online_softmax(s, row_max, row_sum, acc)
-                acc += np.dot(s, vs[j0:j1])  # (m, K)
+                _blas.gemm(_N, _N, i1 - i0, dim, j1 - j0, one, s, vh[j0:j1], one, acc)
             for r in range(i1 - i0):
-                inv = np.float32(1.0) / row_sum[r]
+                inv = one / row_sum[r]
                 for d in range(dim):
                     o[b, h, i0 + r, d] = acc[r, d] * inv
                 lse[b, h, i0 + r] = row_max[r] + math.log(row_sum[r])
@@ -136,43 +128,34 @@ def _probs_and_grad(s, gp, lse, delta):
 def _backward_cpu(go, q, k, v, o, lse, q_block, kv_block, gq, gk, gv):
     b_size, heads, n, dim = q.shape
     scale = np.float32(1.0 / math.sqrt(dim))
-    one = np.float32(1.0)
+    one, zero = np.float32(1.0), np.float32(0.0)
     for t in numba.prange(b_size * heads):  # one (batch, head) pair per task
         b, h = t // heads, t % heads
-        qs, ks = np.empty((n, dim), np.float32), np.empty((n, dim), np.float32)
-        vs, gos = np.empty((n, dim), np.float32), np.empty((n, dim), np.float32)
-        _stage(q, b, h, scale, qs)
-        _stage(k, b, h, one, ks)
-        _stage(v, b, h, one, vs)
-        _stage(go, b, h, one, gos)
+        qh, kh, vh, goh = q[b, h], k[b, h], v[b, h], go[b, h]  # (N, K) strided blocks
+        gqh, gkh, gvh = gq[b, h], gk[b, h], gv[b, h]  # accumulated in place by BLAS
         delta = np.empty(n, np.float32)  # (N,): rowsum(go * o) = rowsum(p * gp)
         for r in range(n):
-            total = np.float32(0.0)
+            total = zero
             for d in range(dim):
-                total += gos[r, d] * o[b, h, r, d]
+                total += goh[r, d] * o[b, h, r, d]
+                gqh[r, d], gkh[r, d], gvh[r, d] = zero, zero, zero
             delta[r] = total
-        gq_h = np.zeros((n, dim), np.float32)
         for j0 in range(0, n, kv_block):
             j1 = min(j0 + kv_block, n)
-            kj, vj = ks[j0:j1], vs[j0:j1]  # (n_blk, K)
-            gk_j = np.zeros((j1 - j0, dim), np.float32)
-            gv_j = np.zeros((j1 - j0, dim), np.float32)
+            m_kv = j1 - j0
+            kj, vj = kh[j0:j1], vh[j0:j1]  # (n_blk, K)
             for i0 in range(0, n, q_block):
                 i1 = min(i0 + q_block, n)
-                go_i = gos[i0:i1]  # (m, K)
-                s = np.dot(qs[i0:i1], kj.T)  # (m, n_blk)
-                gs = np.dot(go_i, vj.T)  # (m, n_blk): gp, then gs in place
+                m = i1 - i0
+                qi, go_i = qh[i0:i1], goh[i0:i1]  # (m, K)
+                s = np.empty((m, m_kv), np.float32)  # scaled scores, then p
+                gs = np.empty((m, m_kv), np.float32)  # gp = go v^T, then gs in place
+                _blas.gemm(_N, _T, m, m_kv, dim, scale, qi, kj, zero, s)
+                _blas.gemm(_N, _T, m, m_kv, dim, one, go_i, vj, zero, gs)
                 _probs_and_grad(s, gs, lse[b, h, i0:i1], delta[i0:i1])
-                gv_j += np.dot(s.T, go_i)
-                gq_h[i0:i1] += np.dot(gs, kj)
-                gk_j += np.dot(gs.T, qs[i0:i1])  # qs carries the scale
-            for r in range(j1 - j0):
-                for d in range(dim):
-                    gk[b, h, j0 + r, d] = gk_j[r, d]
-                    gv[b, h, j0 + r, d] = gv_j[r, d]
-        for r in range(n):
-            for d in range(dim):
-                gq[b, h, r, d] = gq_h[r, d] * scale
+                _blas.gemm(_T, _N, m_kv, dim, m, one, s, go_i, one, gvh[j0:j1])
+                _blas.gemm(_N, _N, m, dim, m_kv, scale, gs, kj, one, gqh[i0:i1])
+                _blas.gemm(_T, _N, m_kv, dim, m, scale, gs, qi, one, gkh[j0:j1])
 
 
 def _forward_cpu_body(q, k, v):
@@ -352,6 +335,15 @@ def _backward_gpu_body(go, q, k, v, o, lse):
     return gq, gk, gv
 
 
+def _blas_ready(a) -> bool:
+    """Rows BLAS can read in place: unit element stride, a row stride of at least a row."""
+    return a.ndim < 2 or (a.strides[-1] == 4 and a.strides[-2] >= 4 * a.shape[-1])
+
+
+def _float32(*arrays) -> list:
+    return [a.astype(np.float32, copy=False) for a in arrays]
+
+
 def _prepared(kernel: str, body: str, q, *others):
     """Check the (B, NH, N, K) shapes; float32 arrays (C-contiguous for the GPU body)."""
     for a in (q, *others[:4]):
@@ -366,8 +358,8 @@ def _prepared(kernel: str, body: str, q, *others):
             f"{kernel}: head_dim {q.shape[-1]} exceeds the GPU body's GPU_MAX_HEAD "
             f"{GPU_MAX_HEAD}; raise minivit.kernels.attention.GPU_MAX_HEAD"
         )
-    if body == "cpu":  # the CPU body stages each head itself: any strides, no NumPy copies
-        return [a.astype(np.float32, copy=False) for a in (q, *others)]
+    if body == "cpu":  # BLAS reads each head in place: any row stride, unit element stride
+        return [a if _blas_ready(a) else np.ascontiguousarray(a) for a in _float32(q, *others)]
     return _dispatch.float32_rows(backend.xp_of(q), q, *others)
 
 
