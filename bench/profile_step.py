@@ -32,7 +32,11 @@ sys.path.insert(1, str(HERE.parent))
 
 import _common  # noqa: E402  (next to this file)
 
-GEMM, CONV, OTHER_STEP = "GEMM (Dense, MatMul)", "conv (patch embedding, ResNet)", "Python overhead"
+GEMM, CONV, OTHER_STEP = (
+    "GEMM (Dense, MatMul, DenseGelu)",
+    "conv (patch embedding, ResNet)",
+    "Python overhead",
+)
 OPTIMIZER = "optimizer (SGDMomentum.update)"
 # Op class name -> kind, checked in order by substring so fused ops land with their main cost.
 KINDS = (
@@ -77,7 +81,7 @@ class OpTimer:
 
     def wrap(self, method: Callable, which: str) -> Callable:
         def timed(op, xp, *arrays):
-            if which == "forward" and type(op).__name__ in ("Dense", "MatMul"):
+            if which == "forward" and type(op).__name__ in ("Dense", "DenseGelu", "MatMul"):
                 needs = tuple(op.needs_grad[:2]) if op.needs_grad else (False, False)
                 self.products[(type(op).__name__, arrays[0].shape, arrays[1].shape, needs)] += 1
             self._inner.append(0.0)

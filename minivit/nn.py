@@ -112,6 +112,12 @@ def capture(root: Module) -> Iterator[dict[str, np.ndarray]]:
         _capture.active = previous
 
 
+def capturing(module: Module) -> bool:
+    """True while a `capture` records this module's output."""
+    active = getattr(_capture, "active", None)
+    return active is not None and id(module) in active[0]
+
+
 class Module:
     """A node of the model tree; attribute names of children are the official scope names.
 
@@ -339,6 +345,9 @@ class MlpBlock(Module):
         self.Dense_1 = Dense(mlp_dim, features, kernel_init, bias_init)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = ops.gelu(self.Dense_0(x), approximate=True)  # (..., M)
+        if capturing(self.Dense_0):  # `capture` records Dense_0's own (pre-GELU) output
+            y = ops.gelu(self.Dense_0(x), approximate=True)  # (..., M)
+        else:  # one op: GEMM, then bias and GELU in one fused pass
+            y = ops.dense_gelu(x, self.Dense_0.kernel, self.Dense_0.bias, approximate=True)
         y = self.dropout(y, self.dropout_rate)
         return self.dropout(self.Dense_1(y), self.dropout_rate)  # (..., I)

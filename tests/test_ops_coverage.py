@@ -19,6 +19,7 @@ from minivit import Tensor, ops
 GRADIENT_CHECKS = {
     "matmul": "test_ops_linalg::test_matmul_grad",
     "dense": "test_ops_linalg::test_dense_grad",
+    "dense_gelu": "test_ops_linalg::test_dense_gelu_grad",
     "add": "test_ops_elementwise::test_binary_grad",
     "sub": "test_ops_elementwise::test_binary_grad",
     "mul": "test_ops_elementwise::test_binary_grad",
@@ -75,6 +76,7 @@ def _f32(*shape):
 FLOAT32_CASES = {  # op name -> (function of Tensors, float32 inputs)
     "matmul": (ops.matmul, (_f32(2, 3, 4), _f32(4, 5))),
     "dense": (ops.dense, (_f32(2, 3, 4), _f32(4, 5), _f32(5))),
+    "dense_gelu": (ops.dense_gelu, (_f32(2, 3, 4), _f32(4, 5), _f32(5))),
     "add": (ops.add, (_f32(3, 4), _f32(4))),
     "sub": (lambda a: 1.0 - ops.sub(a, 2), (_f32(3, 4),)),
     "mul": (lambda a, b: ops.mul(a, b) * 0.5, (_f32(3, 1), _f32(4))),

@@ -88,3 +88,24 @@ def test_max_pool_fused_matches_plain(relu):
     x = np.maximum(x, 0) if relu else x
     y_shape = ops.max_pool(Tensor(x)).shape
     _agree(ops.max_pool, [x], y_shape)
+
+
+@pytest.mark.parametrize("approximate", [True, False])
+def test_dense_gelu_fused_matches_plain(approximate):
+    rng = np.random.default_rng(8)
+    x, kernel, bias = (
+        rng.standard_normal((3, 70, 16)),
+        rng.standard_normal((16, 40)) / 4,
+        rng.standard_normal(40),
+    )
+    _agree(lambda *a: ops.dense_gelu(*a, approximate=approximate), [x, kernel, bias], (3, 70, 40))
+
+
+def test_dense_bias_kernel_matches_plain():
+    rng = np.random.default_rng(9)
+    x, kernel, bias = (
+        rng.standard_normal((600, 20)),
+        rng.standard_normal((20, 33)),
+        rng.standard_normal(33),
+    )
+    _agree(ops.dense, [x, kernel, bias], (600, 33))

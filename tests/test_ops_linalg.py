@@ -64,6 +64,16 @@ def test_dense_grad_non_contiguous_and_skips_frozen_inputs():
     assert xt.grad is None and kt.grad.shape == (3, 4)
 
 
+@pytest.mark.parametrize("approximate", [True, False])
+@pytest.mark.parametrize("x_shape", [(7, 3), (2, 5, 3)])
+def test_dense_gelu_grad(x_shape, approximate):
+    x, kernel, bias = randn(*x_shape) * 2, randn(3, 4), randn(4)
+    expected = ops.gelu(ops.dense(x, kernel, bias), approximate=approximate).data
+    got = ops.dense_gelu(x, kernel, bias, approximate=approximate).data
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+    check_grad(lambda *a: ops.dense_gelu(*a, approximate=approximate), x, kernel, bias)
+
+
 def test_shape_errors_name_op_and_shapes():
     with pytest.raises(ValueError, match=r"MatMul.*\(3, 4\).*\(5, 2\)"):
         ops.matmul(randn(3, 4), randn(5, 2))

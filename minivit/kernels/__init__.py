@@ -1,5 +1,6 @@
-"""Fused hot paths of a step: LayerNorm, GroupNorm, GELU, attention, softmax cross-entropy, and
-the window sweeps of convolutions and max pooling (im2col, col2im).
+"""Fused hot paths of a step: LayerNorm, GroupNorm, GELU, attention, softmax cross-entropy, the
+bias add of Dense / Conv layers, and the window sweeps of convolutions and max
+pooling (im2col, col2im).
 
 Each kernel is one public function over raw arrays (no autograd) with three bodies: `*_ref`
 (plain NumPy, the spec), a Numba CPU body and a Numba CUDA body for CuPy arrays. The array type
@@ -16,6 +17,7 @@ from minivit.kernels.attention import (
     attention_forward,
     attention_forward_ref,
 )
+from minivit.kernels.bias import add_bias, add_bias_ref
 from minivit.kernels.gelu import gelu_backward, gelu_backward_ref, gelu_forward, gelu_forward_ref
 from minivit.kernels.groupnorm import (
     groupnorm_backward,
@@ -44,6 +46,8 @@ from minivit.kernels.xent import (
 
 __all__ = [
     "fusable",
+    "add_bias",
+    "add_bias_ref",
     "attention_backward",
     "attention_backward_ref",
     "attention_forward",

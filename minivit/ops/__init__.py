@@ -23,7 +23,7 @@ from minivit.ops.elementwise import (
     sub,
     tanh,
 )
-from minivit.ops.linalg import dense, matmul
+from minivit.ops.linalg import dense, dense_gelu, matmul
 from minivit.ops.loss import softmax_cross_entropy
 from minivit.ops.norm import group_norm, layer_norm, weight_standardize
 from minivit.ops.reduce import log_softmax, max, mean, softmax, sum
@@ -35,6 +35,7 @@ __all__ = [
     "concat",
     "conv2d",
     "dense",
+    "dense_gelu",
     "div",
     "dot_product_attention",
     "dropout",

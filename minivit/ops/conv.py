@@ -16,6 +16,7 @@ from minivit import kernels
 from minivit.autograd import Function, Tensor
 from minivit.kernels import window
 from minivit.ops.elementwise import as_dtype, float_dtype
+from minivit.ops.linalg import add_bias_rows
 from minivit.ops.reduce import mean
 
 PADDINGS = ("SAME", "VALID")
@@ -124,7 +125,7 @@ class Conv2D(Function):
         self.save(x, kernel)
         y = self.plan.columns(xp, x) @ kernel.reshape(-1, kernel.shape[3])  # (B*OH*OW, O)
         if bias:
-            y += bias[0]
+            add_bias_rows(y, bias[0])
         return y.reshape(x.shape[0], *out_hw, kernel.shape[3])
 
     def backward(self, xp, gy):

@@ -248,6 +248,24 @@ def normal_cdf(xp, x):
     return 0.5 * erfc(x * -_SQRT_HALF)
 
 
+def gelu_values(xp, x, approximate: bool):
+    """GELU of an array, plain array code (the tanh or the erf form)."""
+    if approximate:
+        inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * (x * x * x))
+        return x * (0.5 * (1.0 + xp.tanh(inner)))
+    return x * normal_cdf(xp, x)
+
+
+def gelu_grad(xp, gy, x, approximate: bool):
+    """gy times the derivative of GELU at x, plain array code."""
+    x2 = x * x
+    if approximate:
+        t = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * (x2 * x)))
+        slope = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x2)
+        return gy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * slope)
+    return gy * (normal_cdf(xp, x) + x * (_INV_SQRT_2PI * xp.exp(-0.5 * x2)))
+
+
 class Gelu(Function):
     """GELU, tanh approximation (flax `nn.gelu`, the official one) or exact erf form.
 
@@ -264,10 +282,7 @@ class Gelu(Function):
         if kernels.fusable(x) and x.ndim:
             rows = x.reshape(-1, x.shape[-1])  # (R, M)
             return kernels.gelu_forward(rows, None, self.approximate).reshape(x.shape)
-        if self.approximate:
-            inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * (x * x * x))
-            return x * (0.5 * (1.0 + xp.tanh(inner)))
-        return x * normal_cdf(xp, x)
+        return gelu_values(xp, x, self.approximate)
 
     def backward(self, xp, gy):
         (x,) = self.saved
@@ -275,12 +290,7 @@ class Gelu(Function):
             rows = x.reshape(-1, x.shape[-1])  # (R, M)
             gx = kernels.gelu_backward(gy.reshape(rows.shape), rows, None, self.approximate)
             return gx.reshape(x.shape)
-        x2 = x * x
-        if self.approximate:
-            t = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * (x2 * x)))
-            slope = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x2)
-            return gy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * slope)
-        return gy * (normal_cdf(xp, x) + x * (_INV_SQRT_2PI * xp.exp(-0.5 * x2)))
+        return gelu_grad(xp, gy, x, self.approximate)
 
 
 class Dropout(Function):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from minivit import kernels
 from minivit.autograd import Function, Tensor, as_tensor
-from minivit.ops.elementwise import as_dtype, float_dtype, sum_to_shape
+from minivit.ops.elementwise import as_dtype, float_dtype, gelu_grad, gelu_values, sum_to_shape
 from minivit.ops.shape import reshape
 
 
@@ -60,7 +61,7 @@ class Dense(Function):
     Shapes: x (..., I), kernel (I, O), bias (O,) -> y (..., O)
     """
 
-    def forward(self, xp, x, kernel, *bias):
+    def _check(self, x, kernel, bias):
         if kernel.ndim != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
             raise self.shape_error(
                 f"input of shape {x.shape} does not fit kernel of shape {kernel.shape}; "
@@ -71,24 +72,70 @@ class Dense(Function):
                 f"bias of shape {bias[0].shape} does not fit kernel of shape {kernel.shape}; "
                 f"it must be ({kernel.shape[1]},)"
             )
+
+    def forward(self, xp, x, kernel, *bias):
+        self._check(x, kernel, bias)
         x, kernel, *bias = as_dtype((x, kernel, *bias), float_dtype(x.dtype, kernel.dtype))
         self.save(x, kernel)
         y = x.reshape(-1, x.shape[-1]) @ kernel  # (R, O)
         if bias:
-            y += bias[0]
+            add_bias_rows(y, bias[0])
         return y.reshape(*x.shape[:-1], kernel.shape[1])
 
     def backward(self, xp, gy):
         x, kernel = self.saved
-        gy_rows = gy.reshape(-1, kernel.shape[1])  # (R, O)
+        return self.grads_from_rows(gy.reshape(-1, kernel.shape[1]), x, kernel)
+
+    def grads_from_rows(self, g_rows, x, kernel) -> tuple:
+        """Input, kernel and bias gradients from the gradient of the affine output (R, O)."""
         grads = [None, None]
         if self.needs_grad[0]:
-            grads[0] = (gy_rows @ kernel.T).reshape(x.shape)  # (..., I)
+            grads[0] = (g_rows @ kernel.T).reshape(x.shape)  # (..., I)
         if self.needs_grad[1]:
-            grads[1] = x.reshape(-1, x.shape[-1]).T @ gy_rows  # (I, O)
+            grads[1] = x.reshape(-1, x.shape[-1]).T @ g_rows  # (I, O)
         if len(self.needs_grad) == 3:
-            grads.append(gy_rows.sum(axis=0) if self.needs_grad[2] else None)  # (O,)
+            grads.append(g_rows.sum(axis=0) if self.needs_grad[2] else None)  # (O,)
         return tuple(grads)
+
+
+class DenseGelu(Dense):
+    """gelu(x @ kernel + bias): the first layer of an MLP block with its activation, the bias add
+    and GELU done in one pass over the GEMM output by the fused kernel (float32).
+
+    Shapes: x (..., I), kernel (I, O), bias (O,) -> y (..., O)
+    """
+
+    def __init__(self, approximate: bool = True):
+        self.approximate = approximate
+
+    def forward(self, xp, x, kernel, bias):
+        self._check(x, kernel, (bias,))
+        x, kernel, bias = as_dtype((x, kernel, bias), float_dtype(x.dtype, kernel.dtype))
+        h = x.reshape(-1, x.shape[-1]) @ kernel  # (R, O): the product, bias not yet added
+        self.fused = kernels.fusable(h, bias)
+        self.save(x, kernel, bias, h)
+        if self.fused:
+            y = kernels.gelu_forward(h, bias, self.approximate)
+        else:
+            y = gelu_values(xp, h + bias, self.approximate)
+        return y.reshape(*x.shape[:-1], kernel.shape[1])
+
+    def backward(self, xp, gy):
+        x, kernel, bias, h = self.saved
+        g = gy.reshape(h.shape)
+        if self.fused:
+            gh = kernels.gelu_backward(g, h, bias, self.approximate)
+        else:
+            gh = gelu_grad(xp, g, h + bias, self.approximate)
+        return self.grads_from_rows(gh, x, kernel)
+
+
+def add_bias_rows(y, bias) -> None:
+    """y += bias on a (R, O) GEMM output, in place (the threaded kernel for float32)."""
+    if kernels.fusable(y, bias):
+        kernels.add_bias(y, bias)
+    else:
+        y += bias
 
 
 def matmul(a, b) -> Tensor:
@@ -107,6 +154,14 @@ def matmul(a, b) -> Tensor:
     if a.ndim == 1:
         y = reshape(y, y.shape[:-2] + y.shape[-1:] if b.ndim > 1 else y.shape[:-1])
     return y
+
+
+def dense_gelu(x, kernel, bias, approximate: bool = True) -> Tensor:
+    """gelu(x @ kernel + bias) over the last axis: `dense` then `gelu` as one op.
+
+    Shapes: x (..., I), kernel (I, O), bias (O,) -> y (..., O)
+    """
+    return DenseGelu(approximate)(x, kernel, bias)
 
 
 def dense(x, kernel, bias=None) -> Tensor:
