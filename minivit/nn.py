@@ -324,6 +324,12 @@ class GroupNorm(Module):
     def forward(self, x: Tensor) -> Tensor:
         return ops.group_norm(x, self.scale, self.bias, num_groups=32, eps=1e-6)
 
+    def relu(self, x: Tensor) -> Tensor:
+        """relu(self(x)) as one fused op; the two steps when `capture` records this module."""
+        if capturing(self):
+            return ops.relu(self(x))
+        return ops.group_norm(x, self.scale, self.bias, num_groups=32, eps=1e-6, relu=True)
+
 
 class MlpBlock(Module):
     """Dense_0 -> GELU (tanh form) -> dropout -> Dense_1 -> dropout (`MlpBlock` of ViT and Mixer).

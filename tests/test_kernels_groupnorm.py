@@ -76,3 +76,22 @@ def test_reference_backward_matches_finite_differences():
     numeric = (along(1e-6) - along(-1e-6)) / 2e-6
     analytic = sum(np.vdot(gr, d) for gr, d in zip((gx, gscale, gbias), dirs))
     assert analytic == pytest.approx(numeric, rel=1e-4)
+
+
+@pytest.mark.parametrize("b,s,c,g", SHAPES[1:3])
+def test_fused_relu_matches_relu_after_groupnorm(b, s, c, g):
+    # offset 0: about half the outputs are negative, so the mask matters everywhere
+    x, scale, bias, gy = _inputs(b, s, c, seed=3, offset=0.0)
+    plain = groupnorm.groupnorm_forward_ref(x, scale, bias, g)
+    want_y = np.maximum(plain[0], 0)
+    for body in ("ref", "cpu"):
+        y, mean, rstd = groupnorm.groupnorm_forward(x, scale, bias, g, relu=True, body=body)
+        _close(y, want_y)
+        assert (y >= 0).all() and 0.3 < (y > 0).mean() < 0.7
+        got = groupnorm.groupnorm_backward(gy, x, mean, rstd, scale, g, relu_out=y, body=body)
+        # the chain rule by hand: the ReLU's gradient first, then the plain GroupNorm backward
+        want = groupnorm.groupnorm_backward_ref(gy * (y > 0), x, mean, rstd, scale, g)
+        term = (np.abs(gy * scale).reshape(b, s, g, -1) * rstd[:, None, :, None]).max()
+        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-5 * term)
+        for a, w in zip(got[1:], want[1:]):
+            _close(a, w)

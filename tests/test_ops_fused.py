@@ -109,3 +109,15 @@ def test_dense_bias_kernel_matches_plain():
         rng.standard_normal(33),
     )
     _agree(ops.dense, [x, kernel, bias], (600, 33))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_group_norm_fused_matches_plain(relu):
+    rng = np.random.default_rng(10)
+    x, scale, bias = (
+        rng.standard_normal((2, 5, 6, 64)),
+        rng.standard_normal(64),
+        rng.standard_normal(64),
+    )
+    fn = lambda *a: ops.group_norm(*a, relu=relu)  # noqa: E731
+    _agree(fn, [x, scale, bias], x.shape)

@@ -88,6 +88,15 @@ def test_group_norm_grad(param_shape, x_shape, groups):
     assert grads[1].shape == param_shape and grads[2].shape == param_shape
 
 
+def test_group_norm_relu_is_relu_of_group_norm_and_grad():
+    x, scale, bias = randn(2, 3, 4, 8), randn(8), randn(8)
+    want = np.maximum(ops.group_norm(x, scale, bias, num_groups=4).data, 0)
+    np.testing.assert_array_equal(
+        ops.group_norm(x, scale, bias, num_groups=4, relu=True).data, want
+    )
+    check_grad(lambda v, s, b: ops.group_norm(v, s, b, num_groups=4, relu=True), x, scale, bias)
+
+
 def test_group_norm_grad_32_groups_non_contiguous():
     x = randn(2, 64, 3, 2).transpose(0, 2, 3, 1)  # (2, 3, 2, 64) channels last, not contiguous
     check_grad(ops.group_norm, x, randn(1, 1, 1, 64), randn(64))

@@ -3,7 +3,9 @@
 Flax defaults: contiguous groups (channel c in group c // (C / G)), statistics per sample and group
 over (H*W, C/G) with the fast variance `mean(x^2) - mean(x)^2` clipped at 0, epsilon 1e-6,
 `y = (x - mean) * rsqrt(var + eps) * scale + bias`. The forward returns the per-(sample, group)
-mean and reciprocal std that the backward reuses.
+mean and reciprocal std that the backward reuses. `relu=True` fuses the ReLU that follows every
+GroupNorm of a BiT unit but the last (max(y, 0) in the same pass; the backward masks gy with the
+forward's output, as a separate ReLU would).
 
 Two bodies: the NumPy reference (the spec; it is also what CuPy arrays run, as array code) and a
 Numba CPU body with one thread per sample that walks its rows in memory order twice forward
@@ -19,8 +21,8 @@ from minivit import backend
 from minivit.kernels import _dispatch
 
 
-def groupnorm_forward_ref(x, scale, bias, num_groups: int, eps: float = 1e-6):
-    """The spec, in the array module of x (float64 statistics on NumPy).
+def groupnorm_forward_ref(x, scale, bias, num_groups: int, eps: float = 1e-6, relu: bool = False):
+    """The spec, in the array module of x (float64 statistics on NumPy); `relu` applies max(y, 0).
 
     Shapes: x (B, S, C) with S = H*W, scale (C,), bias (C,) -> y (B, S, C), mean (B, G), rstd (B, G)
     """
@@ -32,13 +34,17 @@ def groupnorm_forward_ref(x, scale, bias, num_groups: int, eps: float = 1e-6):
     rstd = 1.0 / xp.sqrt(var + eps)  # (B, G)
     xhat = (xg - mean[:, None, :, None]) * rstd[:, None, :, None]  # (B, S, G, C/G)
     y = xhat.reshape(b, s, c) * scale + bias
+    y = xp.maximum(y, 0.0) if relu else y
     return y.astype(x.dtype), mean.astype(x.dtype), rstd.astype(x.dtype)
 
 
-def groupnorm_backward_ref(gy, x, mean, rstd, scale, num_groups: int):
-    """The spec of the backward. Shapes: gy, x (B, S, C), mean, rstd (B, G), scale (C,) ->
-    gx (B, S, C), gscale (C,), gbias (C,)"""
+def groupnorm_backward_ref(gy, x, mean, rstd, scale, num_groups: int, relu_out=None):
+    """The spec of the backward; `relu_out` is the forward's output when it applied the ReLU
+    (gy passes where it is positive). Shapes: gy, x (B, S, C), mean, rstd (B, G), scale (C,),
+    relu_out (B, S, C) or None -> gx (B, S, C), gscale (C,), gbias (C,)"""
     xp = backend.xp_of(x)
+    if relu_out is not None:
+        gy = gy * (relu_out > 0)
     b, s, c = x.shape
     groups = (b, s, num_groups, c // num_groups)
     m, r = mean[:, None, :, None], rstd[:, None, :, None]  # (B, 1, G, 1)
@@ -56,7 +62,7 @@ def groupnorm_backward_ref(gy, x, mean, rstd, scale, num_groups: int):
 
 
 @numba.njit(parallel=True, cache=True)
-def _forward_cpu(x, scale, bias, num_groups, eps, y, mean, rstd):
+def _forward_cpu(x, scale, bias, num_groups, eps, relu, y, mean, rstd):
     b, s, c = x.shape
     cg = c // num_groups
     n_group = s * cg
@@ -85,21 +91,24 @@ def _forward_cpu(x, scale, bias, num_groups, eps, y, mean, rstd):
                 centre[j] = mu
         for i in range(s):
             for j in range(c):
-                y[n, i, j] = (x[n, i, j] - centre[j]) * mul[j] + bias[j]
+                v = np.float32((x[n, i, j] - centre[j]) * mul[j] + bias[j])
+                y[n, i, j] = max(v, np.float32(0.0)) if relu else v
 
 
 @numba.njit(parallel=True, cache=True)
-def _backward_cpu(gy, x, mean, rstd, scale, num_groups, gx, gscale_parts, gbias_parts):
+def _backward_cpu(gy, x, mean, rstd, scale, num_groups, relu_out, gx, gscale_parts, gbias_parts):
     b, s, c = x.shape
     cg = c // num_groups
     n_group = s * cg
     for n in numba.prange(b):  # one sample per thread, rows walked in memory order
         sum_gy = np.zeros(c)  # per channel: sum of gy, and of gy * x
         sum_gyx = np.zeros(c)
+        masked = relu_out.shape[0] > 0  # gy passes where the fused ReLU's output is positive
         for i in range(s):
             for j in range(c):
-                sum_gy[j] += gy[n, i, j]
-                sum_gyx[j] += np.float64(gy[n, i, j]) * x[n, i, j]
+                g = gy[n, i, j] if not masked or relu_out[n, i, j] > 0 else np.float32(0.0)
+                sum_gy[j] += g
+                sum_gyx[j] += np.float64(g) * x[n, i, j]
         # gx = r * (gy * scale - mean(gxhat) - xhat * mean(gxhat * xhat)), xhat = (x - mu) * r,
         # rewritten per channel as gy * a + (x - centre) * bx + d
         centre = np.empty(c, np.float32)
@@ -124,39 +133,46 @@ def _backward_cpu(gy, x, mean, rstd, scale, num_groups, gx, gscale_parts, gbias_
                 d[j] = -r * m1
         for i in range(s):
             for j in range(c):
-                gx[n, i, j] = gy[n, i, j] * a[j] + (x[n, i, j] - centre[j]) * bx[j] + d[j]
+                g = gy[n, i, j] if not masked or relu_out[n, i, j] > 0 else np.float32(0.0)
+                gx[n, i, j] = g * a[j] + (x[n, i, j] - centre[j]) * bx[j] + d[j]
 
 
-def groupnorm_forward(x, scale, bias, num_groups: int, eps: float = 1e-6, body: str | None = None):
-    """Fused GroupNorm forward; returns what the backward needs.
-
-    Shapes: x (B, S, C), scale (C,), bias (C,) -> y (B, S, C), mean (B, G), rstd (B, G)
+def groupnorm_forward(
+    x, scale, bias, num_groups: int, eps: float = 1e-6, relu: bool = False, body: str | None = None
+):
+    """Fused GroupNorm forward (and the ReLU after it when `relu`); returns what the backward
+    needs. Shapes: x (B, S, C), scale (C,), bias (C,) -> y (B, S, C), mean (B, G), rstd (B, G)
     """
     chosen = _dispatch.pick_body("groupnorm_forward", x, body)
     if chosen != "cpu":  # CuPy arrays run the array code
-        return groupnorm_forward_ref(x, scale, bias, num_groups, eps)
+        return groupnorm_forward_ref(x, scale, bias, num_groups, eps, relu)
     _dispatch.cpu_ready()
     x, scale, bias = _dispatch.float32_rows(np, x, scale, bias)
     b = x.shape[0]
     y = np.empty_like(x)
     mean = np.empty((b, num_groups), np.float32)
     rstd = np.empty((b, num_groups), np.float32)
-    _forward_cpu(x, scale, bias, num_groups, float(eps), y, mean, rstd)
+    _forward_cpu(x, scale, bias, num_groups, float(eps), bool(relu), y, mean, rstd)
     return y, mean, rstd
 
 
-def groupnorm_backward(gy, x, mean, rstd, scale, num_groups: int, body: str | None = None):
-    """Fused GroupNorm backward from the saved statistics.
+def groupnorm_backward(
+    gy, x, mean, rstd, scale, num_groups: int, relu_out=None, body: str | None = None
+):
+    """Fused GroupNorm backward from the saved statistics; pass the forward's output as
+    `relu_out` when the forward applied the ReLU.
 
-    Shapes: gy, x (B, S, C), mean, rstd (B, G), scale (C,) -> gx (B, S, C), gscale (C,), gbias (C,)
+    Shapes: gy, x (B, S, C), mean, rstd (B, G), scale (C,), relu_out (B, S, C) or None ->
+    gx (B, S, C), gscale (C,), gbias (C,)
     """
     chosen = _dispatch.pick_body("groupnorm_backward", x, body)
     if chosen != "cpu":
-        return groupnorm_backward_ref(gy, x, mean, rstd, scale, num_groups)
+        return groupnorm_backward_ref(gy, x, mean, rstd, scale, num_groups, relu_out)
     _dispatch.cpu_ready()
     gy, x, mean, rstd, scale = _dispatch.float32_rows(np, gy, x, mean, rstd, scale)
+    mask = np.empty((0, 0, 0), np.float32) if relu_out is None else np.ascontiguousarray(relu_out)
     gx = np.empty_like(x)
     parts = np.zeros((2, x.shape[0], x.shape[2]), np.float64)  # per-sample partial sums
-    _backward_cpu(gy, x, mean, rstd, scale, num_groups, gx, parts[0], parts[1])
+    _backward_cpu(gy, x, mean, rstd, scale, num_groups, mask, gx, parts[0], parts[1])
     gscale, gbias = parts.sum(axis=1).astype(np.float32)  # (C,) each
     return gx, gscale, gbias

@@ -53,8 +53,8 @@ class ResidualUnit(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         residual = self.gn_proj(self.conv_proj(x)) if self.needs_projection else x
-        y = ops.relu(self.gn1(self.conv1(x)))  # (B, H, W, f)
-        y = ops.relu(self.gn2(self.conv2(y)))  # (B, H/s, W/s, f)
+        y = self.gn1.relu(self.conv1(x))  # (B, H, W, f)
+        y = self.gn2.relu(self.conv2(y))  # (B, H/s, W/s, f)
         y = self.gn3(self.conv3(y))  # (B, H/s, W/s, 4f)
         return ops.relu(residual + y)
 
@@ -103,7 +103,7 @@ class ResNet(Module):
         self.out_features = in_features  # channels of the feature map the ViT embedding reads
 
     def forward(self, images: Tensor) -> Tensor:
-        x = ops.relu(self.gn_root(self.conv_root(images)))  # (B, H/2, W/2, w)
+        x = self.gn_root.relu(self.conv_root(images))  # (B, H/2, W/2, w)
         x = ops.max_pool(x, window=3, stride=2, padding="SAME")  # (B, H/4, W/4, w)
         for i in range(1, self.num_stages + 1):
             x = getattr(self, f"block{i}")(x)

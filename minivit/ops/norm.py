@@ -77,9 +77,10 @@ class GroupNorm(Function):
     sample and group over (H, W, C / groups)
     """
 
-    def __init__(self, num_groups: int = 32, eps: float = 1e-6):
+    def __init__(self, num_groups: int = 32, eps: float = 1e-6, relu: bool = False):
         self.num_groups = num_groups
         self.eps = eps
+        self.relu = relu
 
     def _check(self, x, scale, bias):
         c = x.shape[-1] if x.ndim >= 2 else 0
@@ -102,28 +103,32 @@ class GroupNorm(Function):
         if self.fused:
             rows = x.reshape(b, -1, c)  # (B, H*W, C)
             y, mean, rstd = kernels.groupnorm_forward(
-                rows, scale.reshape(c), bias.reshape(c), self.num_groups, self.eps
+                rows, scale.reshape(c), bias.reshape(c), self.num_groups, self.eps, self.relu
             )  # (B, H*W, C), (B, G), (B, G)
-            self.save(rows, mean, rstd, scale.reshape(c))
+            self.save(rows, mean, rstd, scale.reshape(c), y if self.relu else None)
             return y.reshape(x.shape)
         xg = x.reshape(b, -1, self.num_groups, c // self.num_groups)  # (B, H*W, G, C/G)
         mean, rstd = _statistics(xp, xg, (1, 3), self.eps)  # (B, 1, G, 1) each
         xhat = ((xg - mean) * rstd).reshape(x.shape)  # (B, H, W, C)
-        self.save(xhat, rstd, scale.reshape(c))
-        return xhat * scale.reshape(c) + bias.reshape(c)
+        y = xhat * scale.reshape(c) + bias.reshape(c)
+        y = xp.maximum(y, 0) if self.relu else y
+        self.save(xhat, rstd, scale.reshape(c), y if self.relu else None)
+        return y
 
     def backward(self, xp, gy):
         if self.fused:
-            rows, mean, rstd, scale = self.saved
+            rows, mean, rstd, scale, relu_out = self.saved
             gx, gscale, gbias = kernels.groupnorm_backward(
-                gy.reshape(rows.shape), rows, mean, rstd, scale, self.num_groups
+                gy.reshape(rows.shape), rows, mean, rstd, scale, self.num_groups, relu_out
             )
             return (
                 gx.reshape(gy.shape),
                 gscale.reshape(self.inputs[1].shape),
                 gbias.reshape(self.inputs[2].shape),
             )
-        xhat, rstd, scale = self.saved
+        xhat, rstd, scale, relu_out = self.saved
+        if relu_out is not None:
+            gy = gy * (relu_out > 0)
         b, c = gy.shape[0], gy.shape[-1]
         gx = None
         if self.needs_grad[0]:
@@ -173,9 +178,12 @@ def layer_norm(x, scale, bias, eps: float = 1e-6) -> Tensor:
     return LayerNorm(eps)(x, scale, bias)
 
 
-def group_norm(x, scale, bias, num_groups: int = 32, eps: float = 1e-6) -> Tensor:
-    """GroupNorm, channels last. Shapes: x (B, H, W, C), scale, bias (C,) or (1,1,1,C) -> x"""
-    return GroupNorm(num_groups, eps)(x, scale, bias)
+def group_norm(x, scale, bias, num_groups: int = 32, eps: float = 1e-6, relu: bool = False):
+    """GroupNorm, channels last; `relu=True` is relu(group_norm(...)) as one op.
+
+    Shapes: x (B, H, W, C), scale, bias (C,) or (1,1,1,C) -> x
+    """
+    return GroupNorm(num_groups, eps, relu)(x, scale, bias)
 
 
 def weight_standardize(kernel, eps: float = 1e-5) -> Tensor:
