@@ -21,6 +21,7 @@ GRADIENT_CHECKS = {
     "dense": "test_ops_linalg::test_dense_grad",
     "dense_gelu": "test_ops_linalg::test_dense_gelu_grad",
     "add": "test_ops_elementwise::test_binary_grad",
+    "add_relu": "test_ops_elementwise::test_add_relu_values_grad_and_separate_leaf_gradients",
     "sub": "test_ops_elementwise::test_binary_grad",
     "mul": "test_ops_elementwise::test_binary_grad",
     "div": "test_ops_elementwise::test_binary_grad",
@@ -75,6 +76,7 @@ def _f32(*shape):
 
 FLOAT32_CASES = {  # op name -> (function of Tensors, float32 inputs)
     "matmul": (ops.matmul, (_f32(2, 3, 4), _f32(4, 5))),
+    "add_relu": (ops.add_relu, (_f32(2, 3, 4), _f32(2, 3, 4))),
     "dense": (ops.dense, (_f32(2, 3, 4), _f32(4, 5), _f32(5))),
     "dense_gelu": (ops.dense_gelu, (_f32(2, 3, 4), _f32(4, 5), _f32(5))),
     "add": (ops.add, (_f32(3, 4), _f32(4))),

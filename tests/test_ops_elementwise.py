@@ -59,6 +59,18 @@ def test_add_gives_two_leaves_separate_gradient_arrays():
     np.testing.assert_array_equal(b.grad, np.ones((2, 3)))
 
 
+def test_add_relu_values_grad_and_separate_leaf_gradients():
+    a, b = randn(3, 4, 5), randn(3, 4, 5)
+    np.testing.assert_array_equal(ops.add_relu(a, b).data, np.maximum(a + b, 0))
+    check_grad(ops.add_relu, a, b)
+    ta, tb = Tensor(a, requires_grad=True), Tensor(b, requires_grad=True)
+    ops.add_relu(ta, tb).backward(np.ones(a.shape))
+    np.testing.assert_array_equal(ta.grad, (a + b > 0).astype(float))
+    assert not np.shares_memory(ta.grad, tb.grad)
+    with pytest.raises(ValueError, match=r"AddRelu.*\(3, 4, 5\).*\(4, 5\)"):
+        ops.add_relu(a, b[0])
+
+
 @pytest.mark.parametrize("shape", [(7,), (2, 1, 3), (1,)])
 @pytest.mark.parametrize(
     "op, reference, make",

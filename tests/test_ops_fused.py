@@ -121,3 +121,9 @@ def test_group_norm_fused_matches_plain(relu):
     )
     fn = lambda *a: ops.group_norm(*a, relu=relu)  # noqa: E731
     _agree(fn, [x, scale, bias], x.shape)
+
+
+def test_add_relu_fused_matches_plain():
+    rng = np.random.default_rng(11)
+    a, b = rng.standard_normal((2, 7, 7, 33)), rng.standard_normal((2, 7, 7, 33))
+    _agree(ops.add_relu, [a, b], a.shape)

@@ -1,6 +1,6 @@
 """Fused hot paths of a step: LayerNorm, GroupNorm, GELU, attention, softmax cross-entropy, the
-bias add of Dense / Conv layers, and the window sweeps of convolutions and max
-pooling (im2col, col2im).
+bias add of Dense / Conv layers, the residual relu(a + b) of BiT units, and the window sweeps of
+convolutions and max pooling (im2col, col2im).
 
 Each kernel is one public function over raw arrays (no autograd) with three bodies: `*_ref`
 (plain NumPy, the spec), a Numba CPU body and a Numba CUDA body for CuPy arrays. The array type
@@ -11,6 +11,12 @@ All take and return float32.
 from __future__ import annotations
 
 from minivit.kernels._dispatch import fusable
+from minivit.kernels.add_relu import (
+    add_relu_backward,
+    add_relu_backward_ref,
+    add_relu_forward,
+    add_relu_forward_ref,
+)
 from minivit.kernels.attention import (
     attention_backward,
     attention_backward_ref,
@@ -48,6 +54,10 @@ __all__ = [
     "fusable",
     "add_bias",
     "add_bias_ref",
+    "add_relu_backward",
+    "add_relu_backward_ref",
+    "add_relu_forward",
+    "add_relu_forward_ref",
     "attention_backward",
     "attention_backward_ref",
     "attention_forward",

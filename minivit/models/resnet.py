@@ -56,7 +56,7 @@ class ResidualUnit(Module):
         y = self.gn1.relu(self.conv1(x))  # (B, H, W, f)
         y = self.gn2.relu(self.conv2(y))  # (B, H/s, W/s, f)
         y = self.gn3(self.conv3(y))  # (B, H/s, W/s, 4f)
-        return ops.relu(residual + y)
+        return ops.add_relu(residual, y)
 
 
 class ResNetStage(Module):

@@ -11,6 +11,7 @@ from minivit.ops.attention import dot_product_attention
 from minivit.ops.conv import conv2d, global_avg_pool, max_pool
 from minivit.ops.elementwise import (
     add,
+    add_relu,
     div,
     dropout,
     exp,
@@ -31,6 +32,7 @@ from minivit.ops.shape import broadcast_to, concat, index, pad, reshape, transpo
 
 __all__ = [
     "add",
+    "add_relu",
     "broadcast_to",
     "concat",
     "conv2d",
