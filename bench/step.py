@@ -6,8 +6,10 @@ softmax cross-entropy, backward and an SGD-momentum update. Every (framework, mo
 runs in a fresh child process, so its peak resident memory (ru_maxrss) is its own. Warm-up steps
 are not timed (JAX's compile time is reported apart); the figure is the median of the timed steps.
 The header gives the thread settings, the BLAS kernel NumPy uses and the fp32 GEMM rate of a large
-NumPy sgemm; each minivit child measures that rate again, and `% GEMM` is the model's arithmetic
-rate (matmul and conv FLOPs counted from the config, training = 3x forward) over it.
+NumPy sgemm; each minivit child measures the rate of the GEMM minivit's ops call (`kernels.matmul`:
+MKL where it is bound, else NumPy's OpenBLAS) and of NumPy's, and `% GEMM` is the model's
+arithmetic rate (matmul and conv FLOPs counted from the config, training = 3x forward) over the
+first.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/step.py [--json] [--quick]
         [--models ViT-S/16 Mixer-B/16] [--frameworks minivit torch jax] [--threads N]
@@ -159,13 +161,14 @@ def gemm_rate(matmul: Callable[[], object], n: int = GEMM_SIZE, repeats: int = 5
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def numpy_gemm_rate(n: int = GEMM_SIZE) -> float:
-    """fp32 GEMM rate of NumPy's BLAS in this process, GFLOP/s."""
+def numpy_gemm_rate(n: int = GEMM_SIZE, matmul: Callable | None = None) -> float:
+    """fp32 GEMM rate in this process, GFLOP/s: NumPy's `@`, or `matmul(a, b)` when given."""
     import numpy as np  # noqa: PLC0415  (after the thread setup)
 
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    return gemm_rate(lambda: a @ b, n)
+    product = np.matmul if matmul is None else matmul
+    return gemm_rate(lambda: product(a, b), n)
 
 
 def peak_rss_mb() -> float:
@@ -196,7 +199,9 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
     import numba  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
+    from minivit import kernels  # noqa: PLC0415
     from minivit.autograd import no_grad  # noqa: PLC0415
+    from minivit.kernels import _blas  # noqa: PLC0415
     from minivit.models import create_model  # noqa: PLC0415
     from minivit.optim import SGDMomentum  # noqa: PLC0415
 
@@ -224,7 +229,9 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
     return dict(
         step_s=seconds,
         iters=iters,
-        gemm_gflops=numpy_gemm_rate(),
+        gemm_gflops=numpy_gemm_rate(matmul=kernels.matmul),  # the GEMM minivit's ops call
+        numpy_gemm_gflops=numpy_gemm_rate(),
+        blas_library=_blas.LIBRARY,
         numba_layer=layer,
         numba_threads=numba.get_num_threads(),
         blas=_common.blas_report(),
@@ -528,7 +535,10 @@ def detail_lines(details: dict) -> list[str]:
         if not ok:
             continue
         rates = statistics.median(r["gemm_gflops"] for r in ok)
-        extra = {k: v for k, v in ok[0].items() if k.endswith(("version", "threads", "layer"))}
+        keys = ("version", "threads", "layer", "library")
+        extra = {k: v for k, v in ok[0].items() if k.endswith(keys)}
+        if "numpy_gemm_gflops" in ok[0]:
+            extra["numpy_gemm"] = round(statistics.median(r["numpy_gemm_gflops"] for r in ok), 1)
         lines.append(f"{framework} children: median in-process GEMM {rates:.1f} GFLOP/s; {extra}")
     return lines
 

@@ -1,4 +1,5 @@
-"""Fused hot paths of a step: LayerNorm, GroupNorm, GELU, attention, softmax cross-entropy, the
+"""Fused hot paths of a step: the matrix products (one sgemm call on strided operands),
+LayerNorm, GroupNorm, GELU, attention, softmax cross-entropy, the
 bias add of Dense / Conv layers, the residual relu(a + b) of BiT units, and the window sweeps of
 convolutions and max pooling (im2col, col2im).
 
@@ -25,6 +26,7 @@ from minivit.kernels.attention import (
 )
 from minivit.kernels.bias import add_bias, add_bias_ref
 from minivit.kernels.gelu import gelu_backward, gelu_backward_ref, gelu_forward, gelu_forward_ref
+from minivit.kernels.gemm import matmul, matmul_ref
 from minivit.kernels.groupnorm import (
     groupnorm_backward,
     groupnorm_backward_ref,
@@ -76,6 +78,8 @@ __all__ = [
     "layernorm_backward_ref",
     "layernorm_forward",
     "layernorm_forward_ref",
+    "matmul",
+    "matmul_ref",
     "max_pool_backward",
     "max_pool_forward",
     "softmax_xent_backward",

@@ -123,7 +123,8 @@ class Conv2D(Function):
         pads, out_hw = _geometry(self, x.shape[1:3], window, self.stride, self.padding)
         self.plan = _Columns(x.shape, window, self.stride, pads, out_hw)
         self.save(x, kernel)
-        y = self.plan.columns(xp, x) @ kernel.reshape(-1, kernel.shape[3])  # (B*OH*OW, O)
+        columns = self.plan.columns(xp, x)  # (B*OH*OW, kh*kw*I)
+        y = kernels.matmul(columns, kernel.reshape(-1, kernel.shape[3]))  # (B*OH*OW, O)
         if bias:
             add_bias_rows(y, bias[0])
         return y.reshape(x.shape[0], *out_hw, kernel.shape[3])
@@ -133,10 +134,11 @@ class Conv2D(Function):
         gy_rows = gy.reshape(-1, kernel.shape[3])  # (B*OH*OW, O)
         grads = [None, None]
         if self.needs_grad[0]:
-            gcols = gy_rows @ kernel.reshape(-1, kernel.shape[3]).T  # (B*OH*OW, kh*kw*I)
+            gcols = kernels.matmul(gy_rows, kernel.reshape(-1, kernel.shape[3]).T)  # (R, kh*kw*I)
             grads[0] = self.plan.scatter(xp, gcols)
         if self.needs_grad[1]:
-            grads[1] = (self.plan.columns(xp, x).T @ gy_rows).reshape(kernel.shape)
+            gk = kernels.matmul(self.plan.columns(xp, x).T, gy_rows)  # (kh*kw*I, O)
+            grads[1] = gk.reshape(kernel.shape)
         if len(self.needs_grad) == 3:
             grads.append(gy_rows.sum(axis=0) if self.needs_grad[2] else None)
         return tuple(grads)

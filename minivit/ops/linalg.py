@@ -1,7 +1,8 @@
 """Matrix products: `matmul` with broadcast batch axes and the flax `Dense` layer map.
 
 Products against a 2-D right operand (every Dense, every Mixer and attention projection) run as
-one GEMM on the rows of the left operand, forward and backward, so BLAS sees large matrices.
+one GEMM on the rows of the left operand, forward and backward, so BLAS sees large matrices;
+`kernels.matmul` makes each one sgemm call that reads transposed operands in place.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class MatMul(Function):
         a, b = as_dtype((a, b), float_dtype(a.dtype, b.dtype))
         self.save(a, b)
         if b.ndim == 2:  # one GEMM on the rows of a
-            return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[1])
+            y = kernels.matmul(a.reshape(-1, a.shape[-1]), b)  # (R, N)
+            return y.reshape(*a.shape[:-1], b.shape[1])
         return a @ b
 
     def backward(self, xp, gy):
@@ -44,9 +46,9 @@ class MatMul(Function):
         if b.ndim == 2:
             gy_rows = gy.reshape(-1, gy.shape[-1])  # (R, N)
             if self.needs_grad[0]:
-                ga = (gy_rows @ b.T).reshape(a.shape)  # (..., M, K)
+                ga = kernels.matmul(gy_rows, b.T).reshape(a.shape)  # (..., M, K)
             if self.needs_grad[1]:
-                gb = a.reshape(-1, a.shape[-1]).T @ gy_rows  # (K, N)
+                gb = kernels.matmul(a.reshape(-1, a.shape[-1]).T, gy_rows)  # (K, N)
         else:
             if self.needs_grad[0]:
                 ga = sum_to_shape(gy @ xp.swapaxes(b, -1, -2), a.shape)  # (..., M, K)
@@ -77,7 +79,7 @@ class Dense(Function):
         self._check(x, kernel, bias)
         x, kernel, *bias = as_dtype((x, kernel, *bias), float_dtype(x.dtype, kernel.dtype))
         self.save(x, kernel)
-        y = x.reshape(-1, x.shape[-1]) @ kernel  # (R, O)
+        y = kernels.matmul(x.reshape(-1, x.shape[-1]), kernel)  # (R, O)
         if bias:
             add_bias_rows(y, bias[0])
         return y.reshape(*x.shape[:-1], kernel.shape[1])
@@ -90,9 +92,9 @@ class Dense(Function):
         """Input, kernel and bias gradients from the gradient of the affine output (R, O)."""
         grads = [None, None]
         if self.needs_grad[0]:
-            grads[0] = (g_rows @ kernel.T).reshape(x.shape)  # (..., I)
+            grads[0] = kernels.matmul(g_rows, kernel.T).reshape(x.shape)  # (..., I)
         if self.needs_grad[1]:
-            grads[1] = x.reshape(-1, x.shape[-1]).T @ g_rows  # (I, O)
+            grads[1] = kernels.matmul(x.reshape(-1, x.shape[-1]).T, g_rows)  # (I, O)
         if len(self.needs_grad) == 3:
             grads.append(g_rows.sum(axis=0) if self.needs_grad[2] else None)  # (O,)
         return tuple(grads)
@@ -111,7 +113,7 @@ class DenseGelu(Dense):
     def forward(self, xp, x, kernel, bias):
         self._check(x, kernel, (bias,))
         x, kernel, bias = as_dtype((x, kernel, bias), float_dtype(x.dtype, kernel.dtype))
-        h = x.reshape(-1, x.shape[-1]) @ kernel  # (R, O): the product, bias not yet added
+        h = kernels.matmul(x.reshape(-1, x.shape[-1]), kernel)  # (R, O): bias not yet added
         self.fused = kernels.fusable(h, bias)
         self.save(x, kernel, bias, h)
         if self.fused:

@@ -1,0 +1,138 @@
+"""kernels.matmul against NumPy's `@`, on strided, transposed and awkward operands, and the
+choice of BLAS library in kernels._blas."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minivit import kernels
+from minivit.kernels import _blas, gemm
+
+needs_mkl = pytest.mark.skipif(
+    _blas.LIBRARY != "mkl", reason="the sgemm body runs where MKL is bound (minivit[mkl], Intel)"
+)
+
+
+def _operands(rng, m, k, n):
+    return rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), np.float32)
+
+
+def _close(got, want):
+    """float32 products against float64 ones, to a float32 rounding of the largest entry."""
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (1, 64, 7), (33, 1, 5), (197, 192, 768), (5, 3, 1)])
+def test_plain_products_match_numpy(m, k, n):
+    a, b = _operands(np.random.default_rng(m * k * n), m, k, n)
+    got = kernels.matmul(a, b)
+    assert got.dtype == np.float32 and got.shape == (m, n)
+    _close(got, a.astype(np.float64) @ b.astype(np.float64))
+
+
+def _views(rng):
+    """(a, b) pairs whose layouts take every branch of gemm._block."""
+    a, b = _operands(rng, 40, 24, 16)
+    wide = rng.standard_normal((40, 50), dtype=np.float32)
+    yield a, b  # both row-major
+    yield np.asfortranarray(a), b  # a transposed in memory: read as T
+    yield a, np.asfortranarray(b)
+    yield b.T.copy().T[:, :16], a[:16].T.copy().T  # F-ordered blocks
+    yield wide[:, 3:27], b  # a block of columns: row stride 50, not 24
+    yield a[5:29].T, wide[5:29, :9]  # a transposed row block, b a column block
+    yield a[:, ::2], b[::2]  # strided columns: copied
+    yield a[::-1], b[::-1]  # negative strides: copied
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_strided_and_transposed_operands(case):
+    a, b = list(_views(np.random.default_rng(1)))[case]
+    _close(kernels.matmul(a, b), a.astype(np.float64) @ b.astype(np.float64))
+
+
+def test_out_and_accumulate_write_in_place():
+    rng = np.random.default_rng(2)
+    a, b = _operands(rng, 30, 20, 10)
+    start = rng.standard_normal((30, 10), dtype=np.float32)
+    out = start.copy()
+    got = kernels.matmul(a, b, out=out, accumulate=True)
+    assert got is out
+    _close(out, start + a.astype(np.float64) @ b)
+    again = kernels.matmul(a.T.T, b, out=out)
+    assert again is out
+    _close(out, a.astype(np.float64) @ b)
+
+
+def test_other_dtypes_and_empty_axes_take_numpy():
+    rng = np.random.default_rng(3)
+    a, b = _operands(rng, 6, 4, 3)
+    got = kernels.matmul(a.astype(np.float64), b.astype(np.float64))
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, a.astype(np.float64) @ b.astype(np.float64))
+    assert kernels.matmul(np.ones((0, 4), np.float32), b).shape == (0, 3)
+    np.testing.assert_array_equal(kernels.matmul(np.ones((6, 0), np.float32), b[:0]), 0)
+
+
+@needs_mkl
+def test_sgemm_body_runs_and_matches_the_reference():
+    rng = np.random.default_rng(4)
+    a, b = _operands(rng, 130, 70, 90)
+    want = kernels.matmul_ref(a, b)
+    got = kernels.matmul(a, b, body="cpu")
+    assert not np.shares_memory(got, a)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert gemm._cpu_ready(a, b) and not gemm._cpu_ready(a.astype(np.float64), b)
+
+
+def test_bad_shapes_get_one_sentence():
+    a = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="cannot multiply shapes"):
+        kernels.matmul(a, a)
+    with pytest.raises(ValueError, match="accumulate=True needs out"):
+        kernels.matmul(a, a.T, accumulate=True)
+    with pytest.raises(ValueError, match="out has shape"):
+        kernels.matmul(a, a.T, out=np.empty((3, 4), np.float32))
+
+
+def _library_in_child(**env) -> subprocess.CompletedProcess:
+    code = "from minivit.kernels import _blas; print(_blas.LIBRARY)"
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_environment_chooses_openblas_and_rejects_unknown_names():
+    done = _library_in_child(MINIVIT_BLAS="openblas")
+    assert done.returncode == 0 and done.stdout.strip() == "openblas"
+    bad = _library_in_child(MINIVIT_BLAS="atlas")
+    assert bad.returncode != 0
+    assert "MINIVIT_BLAS='atlas' is not a BLAS library; use mkl or openblas" in bad.stderr
+
+
+def test_without_mkl_openblas_is_bound_and_asking_for_mkl_says_how(monkeypatch):
+    monkeypatch.delenv(_blas.BLAS_ENV, raising=False)
+    monkeypatch.setattr(_blas, "find_mkl", lambda: None)
+    monkeypatch.setattr(_blas, "cpu_vendor", lambda: "GenuineIntel")
+    assert _blas._choose()[0] == "openblas"
+    monkeypatch.setenv(_blas.BLAS_ENV, "mkl")
+    with pytest.raises(RuntimeError, match=r"pip install 'minivit\[mkl\]' or unset MINIVIT_BLAS"):
+        _blas._choose()
+
+
+@pytest.mark.skipif(_blas.find_mkl() is None, reason="MKL is not installed (minivit[mkl])")
+def test_installed_mkl_is_bound_on_intel_cpus_only(monkeypatch):
+    monkeypatch.delenv(_blas.BLAS_ENV, raising=False)
+    monkeypatch.setattr(_blas, "cpu_vendor", lambda: "AuthenticAMD")
+    assert _blas._choose()[0] == "openblas"
+    monkeypatch.setattr(_blas, "cpu_vendor", lambda: "GenuineIntel")
+    library, address = _blas._choose()
+    assert library == "mkl" and address > 0
