@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from minivit import kernels
+from minivit import backend, kernels
 from minivit.kernels import _blas, gemm
 
 needs_mkl = pytest.mark.skipif(
@@ -111,6 +111,7 @@ def _library_in_child(**env) -> subprocess.CompletedProcess:
 
 
 def test_environment_chooses_openblas_and_rejects_unknown_names():
+    """The choice is read when the kernels load; a bad name fails there in one sentence."""
     done = _library_in_child(MINIVIT_BLAS="openblas")
     assert done.returncode == 0 and done.stdout.strip() == "openblas"
     bad = _library_in_child(MINIVIT_BLAS="atlas")
@@ -119,20 +120,37 @@ def test_environment_chooses_openblas_and_rejects_unknown_names():
 
 
 def test_without_mkl_openblas_is_bound_and_asking_for_mkl_says_how(monkeypatch):
-    monkeypatch.delenv(_blas.BLAS_ENV, raising=False)
-    monkeypatch.setattr(_blas, "find_mkl", lambda: None)
-    monkeypatch.setattr(_blas, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.delenv(backend.BLAS_ENV, raising=False)
+    monkeypatch.setattr(backend, "find_mkl", lambda: None)
+    monkeypatch.setattr(backend, "cpu_vendor", lambda: "GenuineIntel")
     assert _blas._choose()[0] == "openblas"
-    monkeypatch.setenv(_blas.BLAS_ENV, "mkl")
+    monkeypatch.setenv(backend.BLAS_ENV, "mkl")
     with pytest.raises(RuntimeError, match=r"pip install 'minivit\[mkl\]' or unset MINIVIT_BLAS"):
         _blas._choose()
 
 
-@pytest.mark.skipif(_blas.find_mkl() is None, reason="MKL is not installed (minivit[mkl])")
+@pytest.mark.skipif(backend.find_mkl() is None, reason="MKL is not installed (minivit[mkl])")
 def test_installed_mkl_is_bound_on_intel_cpus_only(monkeypatch):
-    monkeypatch.delenv(_blas.BLAS_ENV, raising=False)
-    monkeypatch.setattr(_blas, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.delenv(backend.BLAS_ENV, raising=False)
+    monkeypatch.setattr(backend, "cpu_vendor", lambda: "AuthenticAMD")
     assert _blas._choose()[0] == "openblas"
-    monkeypatch.setattr(_blas, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(backend, "cpu_vendor", lambda: "GenuineIntel")
     library, address = _blas._choose()
     assert library == "mkl" and address > 0
+
+
+def _wait_policy_in_child(**env) -> str:
+    code = "import os, minivit; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_openmp_threads_sleep_unless_mkl_shares_their_pool():
+    assert _wait_policy_in_child(MINIVIT_BLAS="openblas") == "PASSIVE"
+    assert _wait_policy_in_child(MINIVIT_BLAS="openblas", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    if backend.find_mkl() is not None:
+        assert _wait_policy_in_child(MINIVIT_BLAS="mkl") == "unset"

@@ -12,19 +12,17 @@ The library (`LIBRARY`): Intel MKL (`pip install 'minivit[mkl]'`, the `libmkl_rt
 wheel) on an Intel CPU, where its sgemm runs 10-40% faster than OpenBLAS on ViT shapes (2 cores
 of a Xeon: 230-280 against 170-200 GFLOP/s); otherwise the OpenBLAS SciPy exports for Cython
 (`scipy.linalg.cython_blas`, the library Numba's own `np.dot` uses). On AMD CPUs MKL is not
-used by default: it took its slow path there (189 against OpenBLAS's 410 GFLOP/s on a Zen 5).
+used by default: PyTorch's MKL ran at 189 GFLOP/s there against OpenBLAS's 410 (2 Zen 5 cores).
 `MINIVIT_BLAS=mkl|openblas` overrides the choice. MKL runs its threads on GNU OpenMP
 (`MKL_THREADING_LAYER=GNU` unless set), the runtime Numba's parallel regions use, so the two
-share one pool of sleeping threads instead of competing for the cores.
+share one pool of threads instead of competing for the cores (see `backend` for their wait
+policy).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import glob
 import os
-import sys
 
 import numba
 from llvmlite import binding, ir
@@ -35,27 +33,7 @@ from numba.extending import get_cython_function_address, intrinsic
 from minivit import backend
 
 _SYMBOL = "minivit_sgemm"
-BLAS_ENV = "MINIVIT_BLAS"
-LIBRARIES = ("mkl", "openblas")
 N, T = ord("N"), ord("T")
-
-
-def cpu_vendor() -> str:
-    """The `vendor_id` of /proc/cpuinfo (`GenuineIntel`, `AuthenticAMD`), or '' when unknown."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def find_mkl() -> str | None:
-    """Path of MKL's single dynamic library `libmkl_rt`, or None when MKL is not installed."""
-    here = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
-    return here[0] if here else ctypes.util.find_library("mkl_rt")
 
 
 def _load_mkl(path: str) -> ctypes.CDLL:
@@ -68,21 +46,11 @@ def _load_mkl(path: str) -> ctypes.CDLL:
 
 
 def _choose() -> tuple[str, int]:
-    """The library to bind ($MINIVIT_BLAS, else MKL on Intel CPUs where installed) and the
-    address of its sgemm."""
-    choice = os.environ.get(BLAS_ENV, "").strip().lower() or None
-    if choice is not None and choice not in LIBRARIES:
-        raise ValueError(f"${BLAS_ENV}={choice!r} is not a BLAS library; use mkl or openblas")
-    mkl_path = find_mkl() if choice != "openblas" else None
-    if choice == "mkl" and mkl_path is None:
-        raise RuntimeError(
-            f"${BLAS_ENV}=mkl but MKL's libmkl_rt is not installed; "
-            f"pip install 'minivit[mkl]' or unset {BLAS_ENV}"
-        )
-    if mkl_path is not None and (choice == "mkl" or cpu_vendor() == "GenuineIntel"):
-        mkl = _load_mkl(mkl_path)
-        return "mkl", ctypes.cast(mkl.sgemm, ctypes.c_void_p).value
-    return "openblas", get_cython_function_address("scipy.linalg.cython_blas", "sgemm")
+    """The library to bind (`backend.blas_choice`) and the address of its sgemm."""
+    library, mkl_path = backend.blas_choice()
+    if library == "mkl":
+        return library, ctypes.cast(_load_mkl(mkl_path).sgemm, ctypes.c_void_p).value
+    return library, get_cython_function_address("scipy.linalg.cython_blas", "sgemm")
 
 
 LIBRARY, _ADDRESS = _choose()
