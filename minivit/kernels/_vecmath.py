@@ -58,6 +58,24 @@ def bfloat16_value(bits):
     return _float32_from_bits(np.int32(np.int64(bits) << 16))
 
 
+@numba.njit(inline="always", cache=True)
+def ordered_bits(x):
+    """An int32 key of float32 x with the same order as x (for non-NaN x).
+
+    LLVM does not vectorise a float max reduction written in Numba (1.1 ns per element on a
+    Xeon), but it does an int32 max of these keys (0.33 ns): `from_ordered_bits(max(keys))` is
+    the exact float max. Non-negative floats keep their bits; negative ones flip all but the sign.
+    """
+    bits = _bits_from_float32(x)
+    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+
+
+@numba.njit(inline="always", cache=True)
+def from_ordered_bits(key):
+    """The float32 whose `ordered_bits` is key (the map is its own inverse)."""
+    return _float32_from_bits(key ^ ((key >> 31) & np.int32(0x7FFFFFFF)))
+
+
 @numba.njit(inline="always", fastmath=True, cache=True)
 def exp32(x):
     """e**x in float32, vectorisable."""

@@ -27,7 +27,7 @@ from numba import cuda  # the simulator swaps this global for NUMBA_ENABLE_CUDAS
 
 from minivit import backend
 from minivit.kernels import _blas, _dispatch
-from minivit.kernels._vecmath import exp32
+from minivit.kernels._vecmath import exp32, from_ordered_bits, ordered_bits
 
 Q_BLOCK = 64  # query rows per CPU block
 KV_BLOCK = 512  # keys per CPU block; N <= KV_BLOCK needs no online rescaling
@@ -73,9 +73,10 @@ def attention_backward_ref(go, q, k, v, o, lse):
 def _online_softmax(s, row_max, row_sum, acc):
     """Turn scores s (m, n) into exp(s - new max) in place; rescale row sums and outputs."""
     for r in range(s.shape[0]):
-        top = row_max[r]
+        key = ordered_bits(row_max[r])
         for c in range(s.shape[1]):
-            top = max(top, s[r, c])
+            key = max(key, ordered_bits(s[r, c]))  # an int max vectorises, a float max does not
+        top = from_ordered_bits(key)
         alpha = exp32(row_max[r] - top)  # ~0 on the first block (row_max = _NO_MAX)
         total = np.float32(0.0)
         for c in range(s.shape[1]):
