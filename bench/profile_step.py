@@ -6,7 +6,7 @@ cross-entropy, backward, SGD-momentum update) is run, and the time is summed per
 (Dense / MatMul), conv (the patch embedding and ResNet convs), attention, norms, GELU,
 softmax / cross-entropy, elementwise, reductions, copies / reshape / transpose, the optimizer,
 and the rest of the step (autograd bookkeeping, gradient sums, module calls: "Python overhead").
-It also replays the step's matrix products alone through NumPy (same shapes and transposes) to
+It also replays the step's matrix products alone through `kernels.matmul` (same shapes and transposes) to
 give the time BLAS needs for them, the floor the step can approach.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/profile_step.py \
@@ -129,7 +129,7 @@ def timed_functions(timer: OpTimer) -> Iterator[None]:
             setattr(cls, which, method)
 
 
-def _product_calls(np, a_shape: tuple, b_shape: tuple, needs: tuple) -> list[tuple]:
+def _product_calls(np, kernels, a_shape: tuple, b_shape: tuple, needs: tuple) -> list[tuple]:
     """(closure, FLOPs) of a recorded product's forward and backward GEMMs, as the ops run them.
 
     Shapes: a (..., M, K) with b (K, N) as one (R, K) @ (K, N) GEMM; else batched a @ b.
@@ -140,21 +140,25 @@ def _product_calls(np, a_shape: tuple, b_shape: tuple, needs: tuple) -> list[tup
     out = (*np.broadcast_shapes(a_shape[:-2], b_shape[:-2]), a_shape[-2], b_shape[-1])
     a, b, gy = (rng.standard_normal(s, dtype=np.float32) for s in (a_shape, b_shape, out))
     flops = 2 * int(np.prod(out)) * a_shape[-1]
-    calls = [(lambda: a @ b, flops)]
+    mm = kernels.matmul if len(b_shape) == 2 else np.matmul  # the call the ops make
+    calls = [(lambda: mm(a, b), flops)]
     if needs[0]:
-        calls.append((lambda: gy @ np.swapaxes(b, -1, -2), flops))  # (..., M, K)
+        calls.append((lambda: mm(gy, np.swapaxes(b, -1, -2)), flops))  # (..., M, K)
     if needs[1]:
-        calls.append((lambda: np.swapaxes(a, -1, -2) @ gy, flops))  # (..., K, N), summed later
+        calls.append((lambda: mm(np.swapaxes(a, -1, -2), gy), flops))  # (..., K, N), summed later
     return calls
 
 
 def replay_products(products: Counter) -> tuple[float, float]:
-    """Seconds and FLOPs of one step's recorded matrix products run alone through NumPy's BLAS."""
+    """Seconds and FLOPs of one step's recorded matrix products run alone through the BLAS the
+    ops call (`kernels.matmul`; NumPy's for batched products)."""
     import numpy as np  # noqa: PLC0415
+
+    from minivit import kernels  # noqa: PLC0415
 
     seconds = flops = 0.0
     for (_, a_shape, b_shape, needs), count in products.items():
-        for call, f in _product_calls(np, a_shape, b_shape, needs):
+        for call, f in _product_calls(np, kernels, a_shape, b_shape, needs):
             call()
             runs = []
             for _ in range(3):
@@ -251,7 +255,7 @@ def report(result: dict, gemm_rate: float) -> list[str]:
         f" = {step_rate / gemm_rate:.0%} of the {gemm_rate:.0f} GFLOP/s GEMM rate);"
         f" profiled {total:.0f} ms",
         f"GEMM ops: {result['gemm_flops'] / 1e9:.0f} GFLOP in {result['gemm_ms']:.0f} ms "
-        f"({gemm_in_ops:.0f} GFLOP/s); the same products alone in NumPy: "
+        f"({gemm_in_ops:.0f} GFLOP/s); the same products alone through kernels.matmul: "
         f"{result['blas_ms']:.0f} ms ({gemm_alone:.0f} GFLOP/s)",
         "",
     ]
@@ -273,8 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     importlib.import_module("minivit")  # before NumPy loads OpenBLAS: minivit/__init__.py
     import step  # noqa: PLC0415  (after the thread setup: it imports numpy lazily)
 
-    gemm = step.numpy_gemm_rate()
-    print(f"{args.threads} threads; " + "; ".join(_common.blas_report()), file=sys.stderr)
+    from minivit import kernels  # noqa: PLC0415
+    from minivit.kernels import _blas  # noqa: PLC0415
+
+    gemm = step.numpy_gemm_rate(matmul=kernels.matmul)
+    blas = "; ".join(_common.blas_report())
+    print(f"{args.threads} threads; minivit GEMMs on {_blas.LIBRARY}; {blas}", file=sys.stderr)
     for pair in args.configs:
         label, _, batch = pair.partition(":")
         if label not in {s.label for s in step.SPECS} or not batch.isdigit():
