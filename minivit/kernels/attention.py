@@ -7,7 +7,9 @@ online softmax (running row max and sum, rescaling the partial output when the m
 keeps only the per-row log-sum-exp `lse`; the backward recomputes each block of probabilities
 `p = exp(s - lse)` from it. Extra memory is O(B NH N) plus O(block^2) per thread.
 
-CPU body: Numba threads take one (batch, head) pair each. The block products go to BLAS `sgemm`
+CPU body: Numba threads take one block of queries of one (batch, head) pair each in the forward
+(so batch 1 with 3 heads still fills the cores), one pair each in the backward (whose key
+gradients sum over query blocks). The block products go to BLAS `sgemm`
 (`_blas.gemm`, limited to one thread per Numba thread), which reads each head in place from
 strided inputs (the flax op's transposed views), folds the 1/sqrt(K) scale into its alpha and
 accumulates the gradients in the outputs; the outputs keep the inputs' memory layout, so the op
@@ -94,25 +96,25 @@ def _forward_cpu(q, k, v, q_block, kv_block, o, lse):
     b_size, heads, n, dim = q.shape
     scale = np.float32(1.0 / math.sqrt(dim))
     one, zero = np.float32(1.0), np.float32(0.0)
-    for t in numba.prange(b_size * heads):  # one (batch, head) pair per task
-        b, h = t // heads, t % heads
+    q_blocks = -(-n // q_block)
+    for t in numba.prange(b_size * heads * q_blocks):  # one block of queries per task
+        b, h, i0 = t // (heads * q_blocks), (t // q_blocks) % heads, (t % q_blocks) * q_block
         qh, kh, vh = q[b, h], k[b, h], v[b, h]  # (N, K) strided blocks, read in place by BLAS
-        for i0 in range(0, n, q_block):
-            i1 = min(i0 + q_block, n)
-            acc = np.zeros((i1 - i0, dim), np.float32)  # (m, K): unnormalised output
-            row_max = np.full(i1 - i0, _NO_MAX, np.float32)
-            row_sum = np.zeros(i1 - i0, np.float32)
-            for j0 in range(0, n, kv_block):
-                j1 = min(j0 + kv_block, n)
-                s = np.empty((i1 - i0, j1 - j0), np.float32)  # (m, n_blk): scaled scores
-                _blas.gemm(_N, _T, i1 - i0, j1 - j0, dim, scale, qh[i0:i1], kh[j0:j1], zero, s)
-                _online_softmax(s, row_max, row_sum, acc)
-                _blas.gemm(_N, _N, i1 - i0, dim, j1 - j0, one, s, vh[j0:j1], one, acc)
-            for r in range(i1 - i0):
-                inv = one / row_sum[r]
-                for d in range(dim):
-                    o[b, h, i0 + r, d] = acc[r, d] * inv
-                lse[b, h, i0 + r] = row_max[r] + math.log(row_sum[r])
+        i1 = min(i0 + q_block, n)
+        acc = np.zeros((i1 - i0, dim), np.float32)  # (m, K): unnormalised output
+        row_max = np.full(i1 - i0, _NO_MAX, np.float32)
+        row_sum = np.zeros(i1 - i0, np.float32)
+        for j0 in range(0, n, kv_block):
+            j1 = min(j0 + kv_block, n)
+            s = np.empty((i1 - i0, j1 - j0), np.float32)  # (m, n_blk): scaled scores
+            _blas.gemm(_N, _T, i1 - i0, j1 - j0, dim, scale, qh[i0:i1], kh[j0:j1], zero, s)
+            _online_softmax(s, row_max, row_sum, acc)
+            _blas.gemm(_N, _N, i1 - i0, dim, j1 - j0, one, s, vh[j0:j1], one, acc)
+        for r in range(i1 - i0):
+            inv = one / row_sum[r]
+            for d in range(dim):
+                o[b, h, i0 + r, d] = acc[r, d] * inv
+            lse[b, h, i0 + r] = row_max[r] + math.log(row_sum[r])
 
 
 @numba.njit(inline="always", fastmath=True, cache=True)
