@@ -625,6 +625,7 @@ def header_lines(run: _Run) -> list[str]:
         f"  batch       {comm.size} worker{'s' if comm.size > 1 else ''} x {per_worker} per worker "
         f"x accum {run.accum_steps} = global batch {c.batch} (micro-batch "
         f"{per_worker // run.accum_steps})",
+        f"  compute     {_compute(comm, c.blas_threads)}",
         f"  schedule    {c.total_steps:,} steps, warmup {c.warmup_steps}, {c.decay_type} decay "
         f"from base_lr {c.base_lr}, grad_norm_clip {c.grad_norm_clip}, SGD momentum {MOMENTUM} "
         f"({c.optim_dtype} buffer)",
@@ -647,6 +648,17 @@ def header_lines(run: _Run) -> list[str]:
         "than the rest"
     )
     return lines
+
+
+def _compute(comm, blas_threads: int | None) -> str:
+    """Where the steps run: the device, and on the CPU the threads and the BLAS of the GEMMs."""
+    if comm.devices != ["cpu"]:
+        return f"{comm.devices[0]} (CuPy)"
+    from minivit.kernels import _blas  # noqa: PLC0415  (loads Numba: only once training starts)
+
+    blas = f"{blas_threads} BLAS thread{'s' if blas_threads != 1 else ''}" if blas_threads else ""
+    threads = f"{backend.num_threads()} kernel threads" + (f", {blas}" if blas else "")
+    return f"cpu, {threads}, matrix products on {_blas.LIBRARY}"
 
 
 def _every(period: int, total: int) -> str:
