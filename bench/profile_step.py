@@ -6,8 +6,8 @@ cross-entropy, backward, SGD-momentum update) is run, and the time is summed per
 (Dense / MatMul), conv (the patch embedding and ResNet convs), attention, norms, GELU,
 softmax / cross-entropy, elementwise, reductions, copies / reshape / transpose, the optimizer,
 and the rest of the step (autograd bookkeeping, gradient sums, module calls: "Python overhead").
-It also replays the step's matrix products alone through `kernels.matmul` (same shapes and transposes) to
-give the time BLAS needs for them, the floor the step can approach.
+It also replays the step's matrix products alone through `kernels.matmul` (same shapes and
+transposes) to give the time BLAS needs for them, the floor the step can approach.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/profile_step.py \
         [--configs ViT-S/16:32 ViT-B/16:8] [--steps 2] [--json]
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     from minivit import kernels  # noqa: PLC0415
     from minivit.kernels import _blas  # noqa: PLC0415
 
-    gemm = step.numpy_gemm_rate(matmul=kernels.matmul)
+    gemm = step.square_gemm_rate(kernels.matmul)
     blas = "; ".join(_common.blas_report())
     print(f"{args.threads} threads; minivit GEMMs on {_blas.LIBRARY}; {blas}", file=sys.stderr)
     for pair in args.configs:

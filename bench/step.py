@@ -161,8 +161,9 @@ def gemm_rate(matmul: Callable[[], object], n: int = GEMM_SIZE, repeats: int = 5
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def numpy_gemm_rate(n: int = GEMM_SIZE, matmul: Callable | None = None) -> float:
-    """fp32 GEMM rate in this process, GFLOP/s: NumPy's `@`, or `matmul(a, b)` when given."""
+def square_gemm_rate(matmul: Callable | None = None, n: int = GEMM_SIZE) -> float:
+    """fp32 rate of an n x n x n product in this process, GFLOP/s: `matmul(a, b)`, by default
+    NumPy's."""
     import numpy as np  # noqa: PLC0415  (after the thread setup)
 
     rng = np.random.default_rng(0)
@@ -229,8 +230,8 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
     return dict(
         step_s=seconds,
         iters=iters,
-        gemm_gflops=numpy_gemm_rate(matmul=kernels.matmul),  # the GEMM minivit's ops call
-        numpy_gemm_gflops=numpy_gemm_rate(),
+        gemm_gflops=square_gemm_rate(kernels.matmul),  # the GEMM minivit's ops call
+        numpy_gemm_gflops=square_gemm_rate(),
         blas_library=_blas.LIBRARY,
         numba_layer=layer,
         numba_threads=numba.get_num_threads(),
@@ -509,7 +510,7 @@ def header(args: argparse.Namespace) -> list[str]:
     """Threads, BLAS kernel, fp32 GEMM rate and load of this machine, measured in this process."""
     import numpy as np  # noqa: PLC0415  (after setup_threads)
 
-    rate = numpy_gemm_rate()
+    rate = square_gemm_rate()
     env = ", ".join(f"{k}={os.environ.get(k, '-')}" for k in _common._THREAD_VARS)
     lines = [
         f"python {sys.version.split()[0]}, numpy {np.__version__}, {args.threads} threads: {env}; "

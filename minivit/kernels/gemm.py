@@ -50,11 +50,12 @@ def _block(x) -> tuple:
 
 
 def _cpu_ready(*arrays) -> bool:
-    """True when the sgemm body applies: 2-D float32 NumPy operands, no empty axis, MKL bound."""
+    """True when the sgemm body applies: float32 NumPy operands, no empty axis, MKL bound
+    (`matmul` has checked that the operands are 2-D)."""
     return (
         _blas.LIBRARY == "mkl"
         and all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in arrays)
-        and all(x.ndim == 2 and x.size > 0 for x in arrays[:2])
+        and all(x.size > 0 for x in arrays[:2])
     )
 
 
