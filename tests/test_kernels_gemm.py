@@ -13,10 +13,6 @@ import pytest
 from minivit import backend, kernels
 from minivit.kernels import _blas, gemm
 
-needs_mkl = pytest.mark.skipif(
-    _blas.LIBRARY != "mkl", reason="the sgemm body runs where MKL is bound (minivit[mkl], Intel)"
-)
-
 
 def _operands(rng, m, k, n):
     return rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), np.float32)
@@ -78,15 +74,17 @@ def test_other_dtypes_and_empty_axes_take_numpy():
     np.testing.assert_array_equal(kernels.matmul(np.ones((6, 0), np.float32), b[:0]), 0)
 
 
-@needs_mkl
-def test_sgemm_body_runs_and_matches_the_reference():
-    rng = np.random.default_rng(4)
-    a, b = _operands(rng, 130, 70, 90)
-    want = kernels.matmul_ref(a, b)
+@pytest.mark.parametrize("case", range(8))
+def test_sgemm_body_on_every_layout_matches_float64(case):
+    """body="cpu" runs the sgemm call on whichever library is bound (by default only MKL's)."""
+    a, b = list(_views(np.random.default_rng(4)))[case]
+    assert gemm._cpu_ready(a, b) and not gemm._cpu_ready(a.astype(np.float64), b)
     got = kernels.matmul(a, b, body="cpu")
     assert not np.shares_memory(got, a)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-    assert gemm._cpu_ready(a, b) and not gemm._cpu_ready(a.astype(np.float64), b)
+    _close(got, a.astype(np.float64) @ b.astype(np.float64))
+    out = np.ones((a.shape[0], b.shape[1]), np.float32)
+    assert kernels.matmul(a, b, out=out, accumulate=True, body="cpu") is out
+    _close(out, 1.0 + a.astype(np.float64) @ b.astype(np.float64))
 
 
 def test_bad_shapes_get_one_sentence():

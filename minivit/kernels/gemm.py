@@ -4,8 +4,9 @@
 (the spec, and what CuPy arrays and other dtypes run); the CPU body is one call of the sgemm
 `_blas` binds (Intel MKL where installed on an Intel CPU), given the operands' own strides, so a
 transposed view (`kernel.T`, `x_rows.T`) or a block of rows costs no copy and `accumulate=True`
-adds the product in place (sgemm's beta = 1). With OpenBLAS bound, the CPU body is NumPy's `@`
-as well: NumPy's own OpenBLAS is the newer build of the two in the process.
+adds the product in place (sgemm's beta = 1). With OpenBLAS bound, products take NumPy's `@`
+unless `body="cpu"` asks for the sgemm body: NumPy's own OpenBLAS is the newer build of the two
+in the process.
 """
 
 from __future__ import annotations
@@ -50,12 +51,10 @@ def _block(x) -> tuple:
 
 
 def _cpu_ready(*arrays) -> bool:
-    """True when the sgemm body applies: float32 NumPy operands, no empty axis, MKL bound
-    (`matmul` has checked that the operands are 2-D)."""
-    return (
-        _blas.LIBRARY == "mkl"
-        and all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in arrays)
-        and all(x.size > 0 for x in arrays[:2])
+    """True when the sgemm body can run: float32 NumPy operands, no empty axis (`matmul` has
+    checked that the operands are 2-D)."""
+    return all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in arrays) and all(
+        x.size > 0 for x in arrays[:2]
     )
 
 
@@ -72,7 +71,9 @@ def matmul(a, b, out=None, accumulate: bool = False, body: str | None = None):
         raise ValueError(f"matmul: out has shape {out.shape}, the product {a.shape[0], b.shape[1]}")
     chosen = _dispatch.pick_body("matmul", a, body)
     arrays = (a, b) if out is None else (a, b, out)
-    if chosen == "cpu" and _cpu_ready(*arrays) and (out is None or out.flags.c_contiguous):
+    wanted = body == "cpu" or _blas.LIBRARY == "mkl"  # by default, only where MKL is bound
+    ready = _cpu_ready(*arrays) and (out is None or out.flags.c_contiguous)
+    if chosen == "cpu" and wanted and ready:
         _dispatch.cpu_ready()
         c = np.empty((a.shape[0], b.shape[1]), np.float32) if out is None else out
         (ab, ta), (bb, tb) = _block(a), _block(b)
