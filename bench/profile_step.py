@@ -1,8 +1,9 @@
-"""Where a minivit training step spends its time, per op kind.
+"""Where a minivit training or inference step spends its time, per op kind.
 
 Every `Function` subclass's `forward` and `backward` is wrapped with a timer (exclusive time:
 a Function called inside another is charged to itself only), a training step (forward, softmax
-cross-entropy, backward, SGD-momentum update) is run, and the time is summed per op kind: GEMM
+cross-entropy, backward, SGD-momentum update) or an inference step (the forward under
+`no_grad`, as `bench/step.py` times it) is run, and the time is summed per op kind: GEMM
 (Dense / MatMul), conv (the patch embedding and ResNet convs), attention, norms, GELU,
 softmax / cross-entropy, elementwise, reductions, copies / reshape / transpose, the optimizer,
 and the rest of the step (autograd bookkeeping, gradient sums, module calls: "Python overhead").
@@ -10,7 +11,7 @@ It also replays the step's matrix products alone through `kernels.matmul` (same 
 transposes) to give the time BLAS needs for them, the floor the step can approach.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/profile_step.py \
-        [--configs ViT-S/16:32 ViT-B/16:8] [--steps 2] [--json]
+        [--configs ViT-S/16:32 ViT-B/16:8 ViT-Ti/16:1:inference] [--steps 2] [--json]
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class OpTimer:
     def wrap(self, method: Callable, which: str) -> Callable:
         def timed(op, xp, *arrays):
             if which == "forward" and type(op).__name__ in ("Dense", "DenseGelu", "MatMul"):
-                needs = tuple(op.needs_grad[:2]) if op.needs_grad else (False, False)
+                recording = op.needs_grad and op._recording  # False under no_grad
+                needs = tuple(op.needs_grad[:2]) if recording else (False, False)
                 self.products[(type(op).__name__, arrays[0].shape, arrays[1].shape, needs)] += 1
             self._inner.append(0.0)
             start = time.perf_counter()
@@ -170,35 +172,46 @@ def replay_products(products: Counter) -> tuple[float, float]:
     return seconds, flops
 
 
-def _train_step(label: str, batch: int):
-    """A closure running one training step of `label` at `batch`, split into its two phases."""
+def _step(label: str, batch: int, mode: str):
+    """A closure running one `mode` step of `label` at `batch`, split into its two phases: the
+    forward (and backward) ops, then the optimizer update (none for inference)."""
     import numpy as np  # noqa: PLC0415
     import step  # noqa: PLC0415  (bench/step.py: specs and data)
 
+    from minivit.autograd import no_grad  # noqa: PLC0415
     from minivit.models import create_model  # noqa: PLC0415
     from minivit.optim import SGDMomentum  # noqa: PLC0415
 
     spec = next(s for s in step.SPECS if s.label == label)
     model = create_model(spec.name, num_classes=step.CLASSES, image_size=step.IMAGE_SIZE)
     params, rng = model.params, np.random.default_rng(0)
-    optimizer = SGDMomentum(params)
     images, labels = step.batch_data(batch)
+    if mode == "inference":
 
-    def run() -> tuple[float, float]:
+        def infer() -> tuple[float, float]:
+            start = time.perf_counter()
+            with no_grad():
+                model.forward(images)
+            return time.perf_counter() - start, 0.0
+
+        return infer, model.config
+    optimizer = SGDMomentum(params)
+
+    def train() -> tuple[float, float]:
         start = time.perf_counter()
         _, grads = model.loss_and_grads(images, labels, train=True, rng=rng)
         middle = time.perf_counter()
         optimizer.update(params, grads, step.LR)
         return middle - start, time.perf_counter() - middle
 
-    return run, model.config
+    return train, model.config
 
 
-def profile_config(label: str, batch: int, steps: int) -> dict:
-    """Per-kind milliseconds of a training step (mean of `steps` timed steps after a warm-up)."""
+def profile_config(label: str, batch: int, steps: int, mode: str = "train") -> dict:
+    """Per-kind milliseconds of a `mode` step (mean of `steps` timed steps after a warm-up)."""
     import step  # noqa: PLC0415
 
-    run, config = _train_step(label, batch)
+    run, config = _step(label, batch, mode)
     run()  # warm-up: kernel compilation, first allocations
     plain = statistics.median(sum(run()) for _ in range(steps))
     timer, grads_s, update_s = OpTimer(), 0.0, 0.0
@@ -211,19 +224,21 @@ def profile_config(label: str, batch: int, steps: int) -> dict:
         ms[kind_of(name)][which == "backward"] += 1e3 * seconds / steps
     ops_ms = sum(f + b for f, b in ms.values())
     ms[OTHER_STEP] = [1e3 * grads_s / steps - ops_ms, 0.0]
-    ms[OPTIMIZER] = [1e3 * update_s / steps, 0.0]
+    if mode == "train":
+        ms[OPTIMIZER] = [1e3 * update_s / steps, 0.0]
     products = Counter({k: v // steps for k, v in timer.products.items()})
     blas_s, gemm_flops = replay_products(products)
     return dict(
         model=label,
         batch=batch,
+        mode=mode,
         kinds={k: v for k, v in sorted(ms.items(), key=lambda kv: -sum(kv[1]))},
         step_ms=1e3 * plain,
         profiled_ms=1e3 * (grads_s + update_s) / steps,
         gemm_flops=gemm_flops,
         gemm_ms=sum(ms[GEMM]),
         blas_ms=1e3 * blas_s,
-        model_flops=step.step_flops(config, "train") * batch,
+        model_flops=step.step_flops(config, mode) * batch,
     )
 
 
@@ -247,7 +262,7 @@ def report(result: dict, gemm_rate: float) -> list[str]:
     step_rate = result["model_flops"] / result["step_ms"] / 1e6
     img_s = 1e3 * result["batch"] / result["step_ms"]
     return [
-        f"## {result['model']} training step, batch {result['batch']}",
+        f"## {result['model']} {result['mode']} step, batch {result['batch']}",
         "",
         _common.format_table(rows, columns),
         "",
@@ -267,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         "--configs",
         nargs="+",
         default=["ViT-S/16:32", "ViT-B/16:8"],
-        help="MODEL:BATCH pairs, MODEL as in bench/step.py (ViT-S/16, R26+S/32)",
+        help="MODEL:BATCH[:MODE] with MODEL as in bench/step.py (ViT-S/16, R26+S/32) and MODE"
+        " train (the default) or inference",
     )
     parser.add_argument("--steps", type=int, default=2, help="profiled steps per configuration")
     parser.add_argument("--threads", type=int, default=_common.default_threads())
@@ -284,13 +300,19 @@ def main(argv: list[str] | None = None) -> None:
     blas = "; ".join(_common.blas_report())
     print(f"{args.threads} threads; minivit GEMMs on {_blas.LIBRARY}; {blas}", file=sys.stderr)
     for pair in args.configs:
-        label, _, batch = pair.partition(":")
-        if label not in {s.label for s in step.SPECS} or not batch.isdigit():
+        label, _, rest = pair.partition(":")
+        batch, _, mode = rest.partition(":")
+        mode = mode or "train"
+        if (
+            label not in {s.label for s in step.SPECS}
+            or not batch.isdigit()
+            or mode not in ("train", "inference")
+        ):
             parser.error(
-                f"--configs {pair!r} must be MODEL:BATCH with MODEL one of "
-                f"{', '.join(s.label for s in step.SPECS)}"
+                f"--configs {pair!r} must be MODEL:BATCH[:MODE] with MODEL one of "
+                f"{', '.join(s.label for s in step.SPECS)} and MODE train or inference"
             )
-        result = profile_config(label, int(batch), args.steps)
+        result = profile_config(label, int(batch), args.steps, mode)
         if not args.json:
             print("\n".join(report(result, gemm)), flush=True)
             continue
@@ -301,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
                     {
                         "model": label,
                         "batch": int(batch),
+                        "mode": mode,
                         "kind": kind,
                         "forward_ms": round(f, 2),
                         "backward_ms": round(b, 2),

@@ -72,7 +72,7 @@ def _sum_of_squares(g) -> float:
     if _fast_cpu(g):
         from minivit.kernels import sgd  # noqa: PLC0415  (Numba compiles on first use)
 
-        return float(sgd.sum_of_squares_cpu(g.reshape(-1)))
+        return float(sgd.sum_of_squares_cpu.body(g.size)(g.reshape(-1)))
     return float((g.astype(np.float64) ** 2).sum())
 
 
@@ -158,14 +158,16 @@ class SGDMomentum:
         """`update` as one Numba pass per parameter, in place (same arithmetic as the spec)."""
         from minivit.kernels import sgd  # noqa: PLC0415  (Numba compiles on first use)
 
-        body = (
+        kernel = (
             sgd.sgd_momentum_bf16_cpu
             if self.accumulator_dtype == "bfloat16"
             else sgd.sgd_momentum_f32_cpu
         )
         for key, start, stop in zip(self.shapes, self.offsets, self.offsets[1:]):
             flat = params[key].reshape(-1)  # (P_key,) view of the model's own array
-            body(flat, grads[key].reshape(-1), self.buffer[start:stop], self.beta, _F32(lr))
+            kernel.body(flat.size)(
+                flat, grads[key].reshape(-1), self.buffer[start:stop], self.beta, _F32(lr)
+            )
 
     def update_reference(self, params: dict, grads: dict, lr: float) -> None:
         """The spec of `update` in array code (any array module; CuPy takes this path).

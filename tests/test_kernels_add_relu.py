@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from minivit import kernels
+
+pytestmark = pytest.mark.usefixtures("each_cpu_body")  # threaded and serial bodies
 
 
 def test_cpu_body_equals_reference_bit_for_bit():

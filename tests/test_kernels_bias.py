@@ -7,6 +7,8 @@ import pytest
 
 from minivit import kernels
 
+pytestmark = pytest.mark.usefixtures("each_cpu_body")  # threaded and serial bodies
+
 
 def test_add_bias_cpu_adds_every_row_in_place():
     rng = np.random.default_rng(0)

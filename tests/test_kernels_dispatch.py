@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minivit.kernels import _dispatch, layernorm, layernorm_forward
+from minivit.kernels import _dispatch, bias, layernorm, layernorm_forward
 
 
 class _FakeGpuArray:
@@ -42,3 +42,20 @@ def test_unknown_body_is_one_clear_sentence(monkeypatch, bad):
     monkeypatch.setenv(_dispatch.BODY_ENV, bad)
     with pytest.raises(ValueError, match=r"\$MINIVIT_KERNEL_BODY"):
         _dispatch.pick_body("layernorm_forward", np.zeros(2), None)
+
+
+def test_cpu_kernel_runs_small_work_on_the_calling_thread(monkeypatch):
+    """Below SERIAL_BELOW elements the serial twin runs; both twins give the same bits."""
+    kernel = bias._add_bias_cpu
+    assert kernel.threaded.targetoptions.get("parallel") is True
+    assert not kernel.serial.targetoptions.get("parallel")
+    assert kernel.serial.py_func.__qualname__ != kernel.threaded.py_func.__qualname__  # own cache
+    monkeypatch.setattr(_dispatch, "SERIAL_BELOW", 100)
+    assert kernel.body(99) is kernel.serial and kernel.body(100) is kernel.threaded
+    rng = np.random.default_rng(0)
+    y, b = rng.standard_normal((50, 7), dtype=np.float32), rng.standard_normal(7, np.float32)
+    y_serial, y_threaded = y.copy(), y.copy()
+    kernel.serial(y_serial, b)
+    kernel.threaded(y_threaded, b)
+    np.testing.assert_array_equal(y_serial, y_threaded)
+    np.testing.assert_array_equal(y_serial, y + b)

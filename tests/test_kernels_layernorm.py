@@ -12,6 +12,8 @@ from minivit.kernels import (
     layernorm_forward_ref,
 )
 
+pytestmark = pytest.mark.usefixtures("each_cpu_body")  # threaded and serial bodies
+
 SHAPES = [(1, 768), (1, 5), (37, 77), (197, 768), (64, 384), (3, 1000)]  # (R, D)
 
 

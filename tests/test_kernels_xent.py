@@ -12,6 +12,8 @@ from minivit.kernels import (
     softmax_xent_forward_ref,
 )
 
+pytestmark = pytest.mark.usefixtures("each_cpu_body")  # threaded and serial bodies
+
 
 def assert_matches(got, ref, rtol=1e-5):
     """Agreement to `rtol` relative to the reference's largest magnitude, element by element."""

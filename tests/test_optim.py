@@ -15,6 +15,8 @@ from minivit.optim import (
     to_bfloat16_bits,
 )
 
+pytestmark = pytest.mark.usefixtures("each_cpu_body")  # threaded and serial bodies
+
 
 def bf16_reference(x: np.ndarray) -> np.ndarray:
     """bfloat16 rounding by float64 reasoning: of the two bfloat16 neighbours of each value, the

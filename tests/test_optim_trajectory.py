@@ -20,6 +20,8 @@ if not hasattr(models, "build_model"):
 
 from minivit.models.config import ViTConfig  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("each_cpu_body")  # threaded and serial bodies
+
 ACCUM_STEPS = 2
 
 

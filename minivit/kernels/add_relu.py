@@ -26,13 +26,13 @@ def add_relu_backward_ref(gy, y):
     return gy * (y > 0)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@_dispatch.cpu_kernel(fastmath=True)
 def _forward_cpu(a, b, y):
     for i in numba.prange(y.size):
         y[i] = max(a[i] + b[i], np.float32(0.0))
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@_dispatch.cpu_kernel(fastmath=True)
 def _backward_cpu(gy, y, g):
     for i in numba.prange(g.size):
         g[i] = gy[i] if y[i] > 0 else np.float32(0.0)
@@ -50,7 +50,7 @@ def add_relu_forward(a, b, body: str | None = None):
         return add_relu_forward_ref(a, b)
     _dispatch.cpu_ready()
     y = np.empty(a.shape, np.float32)
-    _forward_cpu(*_flat(a, b), y.reshape(-1))
+    _forward_cpu.body(y.size)(*_flat(a, b), y.reshape(-1))
     return y
 
 
@@ -60,5 +60,5 @@ def add_relu_backward(gy, y, body: str | None = None):
         return add_relu_backward_ref(gy, y)
     _dispatch.cpu_ready()
     g = np.empty(gy.shape, np.float32)
-    _backward_cpu(*_flat(gy, y), g.reshape(-1))
+    _backward_cpu.body(g.size)(*_flat(gy, y), g.reshape(-1))
     return g

@@ -1,7 +1,8 @@
 """The bias add of a Dense or Conv layer: the bias added to every row of the GEMM output.
 
 NumPy's `y += b` runs on one core; the Numba body splits the rows over the threads (2.2 -> 1.1 ms
-on a (6304, 1536) ViT-S/16 MLP output at batch 32, 2 cores). The bias gradient stays NumPy's
+on a (6304, 1536) ViT-S/16 MLP output at batch 32, 2 cores), and runs on the calling thread for
+small outputs (`_dispatch.SERIAL_BELOW`). The bias gradient stays NumPy's
 `g.sum(axis=0)`, which is already vectorised and was faster than a threaded float64 sum (1.0 vs
 1.25 ms on the same shape). CuPy arrays run the array code.
 """
@@ -20,7 +21,7 @@ def add_bias_ref(y, bias):
     return y
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@_dispatch.cpu_kernel(fastmath=True)
 def _add_bias_cpu(y, bias):
     for r in numba.prange(y.shape[0]):
         for c in range(y.shape[1]):
@@ -33,5 +34,5 @@ def add_bias(y, bias, body: str | None = None):
         return add_bias_ref(y, bias)
     _dispatch.check_2d("add_bias", "y", y)
     _dispatch.cpu_ready()
-    _add_bias_cpu(y, np.ascontiguousarray(bias, dtype=y.dtype))
+    _add_bias_cpu.body(y.size)(y, np.ascontiguousarray(bias, dtype=y.dtype))
     return y

@@ -52,7 +52,7 @@ def layernorm_backward_ref(gy, x, mean, rstd, scale):
     return gx.astype(np.float32), gscale.astype(np.float32), gbias.astype(np.float32)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@_dispatch.cpu_kernel(fastmath=True)
 def _forward_cpu(x, scale, bias, eps, y, mean, rstd):
     for r in numba.prange(x.shape[0]):  # one row per task
         s1 = 0.0
@@ -71,7 +71,7 @@ def _forward_cpu(x, scale, bias, eps, y, mean, rstd):
             y[r, j] = (x[r, j] - m32) * inv32 * scale[j] + bias[j]
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@_dispatch.cpu_kernel(fastmath=True)
 def _backward_cpu(gy, x, mean, rstd, scale, chunk, gx, gscale_parts, gbias_parts):
     rows, d = x.shape
     for c in numba.prange(gscale_parts.shape[0]):  # a chunk of rows per task
@@ -97,7 +97,7 @@ def _forward_cpu_body(x, scale, bias, eps):
     y = np.empty_like(x)
     mean = np.empty(x.shape[0], np.float32)
     rstd = np.empty(x.shape[0], np.float32)
-    _forward_cpu(x, scale, bias, eps, y, mean, rstd)
+    _forward_cpu.body(x.size)(x, scale, bias, eps, y, mean, rstd)
     return y, mean, rstd
 
 
@@ -108,7 +108,7 @@ def _backward_cpu_body(gy, x, mean, rstd, scale):
     gx = np.empty_like(x)
     gscale = np.zeros((chunks, x.shape[1]), np.float64)  # per-chunk partial column sums
     gbias = np.zeros((chunks, x.shape[1]), np.float64)
-    _backward_cpu(gy, x, mean, rstd, scale, chunk, gx, gscale, gbias)
+    _backward_cpu.body(x.size)(gy, x, mean, rstd, scale, chunk, gx, gscale, gbias)
     return gx, gscale.sum(0).astype(np.float32), gbias.sum(0).astype(np.float32)
 
 

@@ -5,7 +5,8 @@ Numba bodies do the same arithmetic in one pass per parameter on the CPU instead
 concatenate / decode / round / scale / subtract passes of the array version:
 `m_new = g + beta * m` (float32), `param -= lr * m_new` (float32), stored `m` = `m_new`, rounded
 to bfloat16 (nearest even) for the bfloat16 buffer. No fastmath: a fused multiply-add would round
-differently from the spec.
+differently from the spec. Each body is a `_dispatch.CpuKernel`: the biases and norm scales (a
+few hundred elements) run on the calling thread.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from minivit.kernels._dispatch import cpu_kernel
 from minivit.kernels._vecmath import bfloat16_round, bfloat16_value
 
 
-@numba.njit(parallel=True, cache=True)
+@cpu_kernel()
 def sgd_momentum_bf16_cpu(param, grad, bits, beta, lr):
     """One update of a flat float32 parameter with a bfloat16 (uint16 bits) momentum slice.
 
@@ -28,7 +30,7 @@ def sgd_momentum_bf16_cpu(param, grad, bits, beta, lr):
         param[i] = param[i] - lr * m_new
 
 
-@numba.njit(parallel=True, cache=True)
+@cpu_kernel()
 def sgd_momentum_f32_cpu(param, grad, momentum, beta, lr):
     """One update of a flat float32 parameter with a float32 momentum slice.
 
@@ -40,7 +42,7 @@ def sgd_momentum_f32_cpu(param, grad, momentum, beta, lr):
         param[i] = param[i] - lr * m_new
 
 
-@numba.njit(parallel=True, cache=True)
+@cpu_kernel()
 def sum_of_squares_cpu(x):
     """sum(x**2) of a flat float32 array, accumulated in float64. Shapes: x (P,) -> ()"""
     total = 0.0

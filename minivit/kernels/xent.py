@@ -45,7 +45,7 @@ def softmax_xent_backward_ref(g_rows, logits, onehot, lse):
     return (g * (p * y.sum(axis=-1, keepdims=True) - y)).astype(np.float32)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@_dispatch.cpu_kernel(fastmath=True)
 def _forward_cpu(z, y, loss, lse):
     for r in numba.prange(z.shape[0]):
         top = z[r, 0]
@@ -62,7 +62,7 @@ def _forward_cpu(z, y, loss, lse):
         loss[r] = (top + math.log(total)) * y_sum - yz
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@_dispatch.cpu_kernel(fastmath=True)
 def _backward_cpu(g, z, y, lse, gz):
     for r in numba.prange(z.shape[0]):
         y_sum = np.float32(0.0)
@@ -76,14 +76,14 @@ def _forward_cpu_body(z, y):
     _dispatch.cpu_ready()
     loss = np.empty(z.shape[0], np.float32)
     lse = np.empty(z.shape[0], np.float32)
-    _forward_cpu(z, y, loss, lse)
+    _forward_cpu.body(z.size)(z, y, loss, lse)
     return loss, lse
 
 
 def _backward_cpu_body(g, z, y, lse):
     _dispatch.cpu_ready()
     gz = np.empty_like(z)
-    _backward_cpu(g, z, y, lse, gz)
+    _backward_cpu.body(z.size)(g, z, y, lse, gz)
     return gz
 
 
