@@ -127,3 +127,12 @@ def test_add_relu_fused_matches_plain():
     rng = np.random.default_rng(11)
     a, b = rng.standard_normal((2, 7, 7, 33)), rng.standard_normal((2, 7, 7, 33))
     _agree(ops.add_relu, [a, b], a.shape)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 16, 8), (1, 1, 64, 200), (7, 7, 3, 64)])
+def test_weight_standardize_fused_matches_plain(shape):
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal(shape) * rng.uniform(0.2, 2.0, shape[-1]) + rng.uniform(
+        -1, 1, shape[-1]
+    )
+    _agree(ops.weight_standardize, [w], shape, rtol=2e-5)

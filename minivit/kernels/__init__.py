@@ -1,5 +1,5 @@
 """Fused hot paths of a step: the matrix products (one sgemm call on strided operands),
-LayerNorm, GroupNorm, GELU, attention, softmax cross-entropy, the
+LayerNorm, GroupNorm, StdConv weight standardisation, GELU, attention, softmax cross-entropy, the
 bias add of Dense / Conv layers, the residual relu(a + b) of BiT units, and the window sweeps of
 convolutions and max pooling (im2col, col2im).
 
@@ -38,6 +38,12 @@ from minivit.kernels.layernorm import (
     layernorm_backward_ref,
     layernorm_forward,
     layernorm_forward_ref,
+)
+from minivit.kernels.standardize import (
+    standardize_backward,
+    standardize_backward_ref,
+    standardize_forward,
+    standardize_forward_ref,
 )
 from minivit.kernels.window import (
     col2im,
@@ -86,4 +92,8 @@ __all__ = [
     "softmax_xent_backward_ref",
     "softmax_xent_forward",
     "softmax_xent_forward_ref",
+    "standardize_backward",
+    "standardize_backward_ref",
+    "standardize_forward",
+    "standardize_forward_ref",
 ]

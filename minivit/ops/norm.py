@@ -8,7 +8,7 @@ StdConv: `(w - mean) / (std + 1e-5)` per output channel, population std over (kh
 
 from __future__ import annotations
 
-from minivit import kernels
+from minivit import backend, kernels
 from minivit.autograd import Function, Tensor
 
 
@@ -156,6 +156,11 @@ class WeightStandardize(Function):
     def forward(self, xp, w):
         if w.ndim < 2:
             raise self.shape_error(f"kernel of shape {w.shape} needs at least two axes (..., O)")
+        self.fused = kernels.fusable(w) and not backend.on_gpu(w)
+        if self.fused:  # the threaded kernel on the (kh*kw*I, O) rows, float32
+            y, mean, std = kernels.standardize_forward(w.reshape(-1, w.shape[-1]), self.eps)
+            self.save(w, mean, std)
+            return y.reshape(w.shape)
         axes = tuple(range(w.ndim - 1))
         centred = w - w.mean(axis=axes, keepdims=True)  # (kh, kw, I, O)
         std = xp.sqrt((centred * centred).mean(axis=axes, keepdims=True))  # (1, 1, 1, O)
@@ -163,6 +168,12 @@ class WeightStandardize(Function):
         return centred / (std + self.eps)
 
     def backward(self, xp, gy):
+        if self.fused:
+            w, mean, std = self.saved
+            rows = (-1, w.shape[-1])
+            return kernels.standardize_backward(
+                gy.reshape(rows), w.reshape(rows), mean, std, self.eps
+            ).reshape(w.shape)
         centred, std = self.saved
         axes = tuple(range(gy.ndim - 1))
         n = centred.size // centred.shape[-1]
