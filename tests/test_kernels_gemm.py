@@ -152,3 +152,47 @@ def test_openmp_threads_sleep_unless_mkl_shares_their_pool():
     assert _wait_policy_in_child(MINIVIT_BLAS="openblas", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
     if backend.find_mkl() is not None:
         assert _wait_policy_in_child(MINIVIT_BLAS="mkl") == "unset"
+
+
+def _blas_threads() -> dict:
+    from threadpoolctl import threadpool_info  # noqa: PLC0415
+
+    return {
+        os.path.realpath(i["filepath"]): i["num_threads"]
+        for i in threadpool_info()
+        if i["user_api"] == "blas"
+    }
+
+
+def test_library_of_an_address_names_its_shared_object():
+    import ctypes  # noqa: PLC0415
+
+    libc = ctypes.CDLL(None)
+    path = _blas._library_of(ctypes.cast(libc.printf, ctypes.c_void_p).value)
+    assert path is not None and "libc" in os.path.basename(path)
+    assert _blas._library_of(0) is None
+
+
+def test_kernel_blas_is_pinned_to_one_thread_or_limited_around_each_call():
+    """Where the kernels' sgemm is an OpenBLAS of its own, it runs one thread for good and the
+    per-call limit touches nothing; otherwise the limit sets every BLAS to one thread and
+    restores it."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    from minivit.kernels import _dispatch  # noqa: PLC0415
+
+    before = _blas_threads()
+    with _dispatch.blas_single_thread():
+        inside = _blas_threads()
+    assert _blas_threads() == before
+    if _blas.kernel_blas_single():
+        own = _blas._blas_library_path()
+        assert before[own] == 1 and inside == before
+        assert any(n == backend.num_threads() for p, n in before.items() if p != own)
+        with threadpool_limits(limits=2, user_api="blas"):  # a caller raised it: toggle again
+            assert not _blas.kernel_blas_single()
+            with _dispatch.blas_single_thread():
+                assert set(_blas_threads().values()) == {1}
+        assert _blas.kernel_blas_single()
+    else:
+        assert set(inside.values()) == {1}

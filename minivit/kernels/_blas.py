@@ -57,6 +57,90 @@ LIBRARY, _ADDRESS = _choose()
 binding.add_symbol(_SYMBOL, _ADDRESS)
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def _library_of(address: int) -> str | None:
+    """The path of the shared library holding `address` (glibc's dladdr), or None."""
+    try:
+        dladdr = ctypes.CDLL(None).dladdr
+    except (OSError, AttributeError):
+        return None
+    info = _DlInfo()
+    if not dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.path.realpath(os.fsdecode(info.dli_fname))
+
+
+def _blas_library_path() -> str | None:
+    """The OpenBLAS that SciPy's Cython sgemm wrapper calls: the library that a lookup of its
+    Fortran `sgemm` from the wrapper's module finds (the module, then what it links)."""
+    module = _library_of(_ADDRESS)
+    if module is None:
+        return None
+    linked = ctypes.CDLL(module)
+    for name in ("scipy_sgemm_", "sgemm_"):  # SciPy's wheels prefix the bundled OpenBLAS
+        function = getattr(linked, name, None)
+        if function is not None:
+            return _library_of(ctypes.cast(function, ctypes.c_void_p).value)
+    return None
+
+
+def _openblas_thread_getter(path: str):
+    """OpenBLAS's `*openblas_get_num_threads*` in the library at `path`, or None."""
+    library = ctypes.CDLL(path)
+    for prefix in ("scipy_", ""):
+        for suffix in ("", "64_"):
+            getter = getattr(library, f"{prefix}openblas_get_num_threads{suffix}", None)
+            if getter is not None:
+                getter.restype = ctypes.c_int
+                return getter
+    return None
+
+
+def _pin_kernel_openblas():
+    """Give the OpenBLAS behind the kernels' sgemm one thread for good, when it is a library of
+    its own (SciPy's wheel bundles one, NumPy's another) and returns its thread-count getter.
+
+    That library then serves only calls from inside Numba's threads (the attention bodies), so
+    it needs no threads of its own, and `_dispatch.blas_single_thread` need not set and restore
+    the count around every call: on 2 AMD cores each toggle cost about 65 us with the GEMM after
+    it, 8% of a ViT-Ti/16 or ViT-S/16 batch-1 forward. Where NumPy and SciPy share one OpenBLAS
+    (some system builds), nothing is pinned and the toggle stays. Returns None then, or when the
+    library cannot be told apart.
+    """
+    path = _blas_library_path() if LIBRARY == "openblas" else None
+    if path is None:
+        return None
+    try:
+        from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+    except ImportError:
+        return None
+    blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    own = [lib for lib in blas if os.path.realpath(lib.filepath) == path]
+    others = [lib for lib in blas if os.path.realpath(lib.filepath) != path]
+    getter = _openblas_thread_getter(path)
+    if len(own) != 1 or not others or getter is None:
+        return None
+    own[0].set_num_threads(1)
+    return getter
+
+
+_KERNEL_THREADS = _pin_kernel_openblas()
+
+
+def kernel_blas_single() -> bool:
+    """True when the kernels' sgemm library runs one thread now (pinned, and not raised since
+    by a caller's threadpoolctl limit)."""
+    return _KERNEL_THREADS is not None and _KERNEL_THREADS() == 1
+
+
 @intrinsic
 def _sgemm(typingctx, trans_a, trans_b, m, n, k, alpha, a, b, beta, c, lda, ldb, ldc):
     """Fortran sgemm (column-major): c <- alpha op(a) op(b) + beta c, every argument by address."""

@@ -15,7 +15,9 @@ against 4 us (2 cores of an AMD EPYC).
 Threads: Numba's parallel regions and BLAS calls never run at the same time, except inside the
 attention bodies, which call BLAS (`np.dot`) from every Numba thread. There `blas_single_thread()`
 limits BLAS to one thread per caller (through threadpoolctl), so the two cores see two threads,
-not four. Numba itself uses `backend.num_threads()` threads, the same count BLAS is given.
+not four; where that BLAS is an OpenBLAS of its own, not NumPy's, it runs one thread for good
+and the limit is skipped (`_blas.kernel_blas_single`). Numba itself uses `backend.num_threads()`
+threads, the same count BLAS is given.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numba
 import numpy as np
 
 from minivit import backend
+from minivit.kernels import _blas
 
 BODIES = ("ref", "cpu", "gpu")
 BODY_ENV = "MINIVIT_KERNEL_BODY"
@@ -127,7 +130,7 @@ def blas_single_thread():
     own threads inside each Numba thread and oversubscribe the cores.
     """
     controller = _blas_controller()
-    if controller is None:
+    if controller is None or _blas.kernel_blas_single():  # nothing to limit: see _blas
         yield
         return
     with controller.limit(limits=1, user_api="blas"):

@@ -6,7 +6,8 @@
 transposed view (`kernel.T`, `x_rows.T`) or a block of rows costs no copy and `accumulate=True`
 adds the product in place (sgemm's beta = 1). With OpenBLAS bound, products take NumPy's `@`
 unless `body="cpu"` asks for the sgemm body: NumPy's own OpenBLAS is the newer build of the two
-in the process.
+in the process, and the kernels' (SciPy's) runs one thread where it is a library of its own
+(`_blas._pin_kernel_openblas`).
 """
 
 from __future__ import annotations
