@@ -196,5 +196,5 @@ def test_kernel_blas_is_pinned_to_one_thread_or_limited_around_each_call():
         assert _blas.kernel_blas_single()
     else:  # every BLAS the limit controls (those loaded when it was built) runs one thread
         with _dispatch.blas_single_thread():
-            limited = _dispatch._blas_controller().info()
+            limited = _blas.controller().info()
         assert {lib["num_threads"] for lib in limited if lib["user_api"] == "blas"} == {1}

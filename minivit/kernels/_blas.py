@@ -22,6 +22,7 @@ policy).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 import numba
@@ -92,21 +93,23 @@ def _blas_library_path() -> str | None:
     return None
 
 
-def _openblas_thread_getter(path: str):
-    """OpenBLAS's `*openblas_get_num_threads*` in the library at `path`, or None."""
-    library = ctypes.CDLL(path)
-    for prefix in ("scipy_", ""):
-        for suffix in ("", "64_"):
-            getter = getattr(library, f"{prefix}openblas_get_num_threads{suffix}", None)
-            if getter is not None:
-                getter.restype = ctypes.c_int
-                return getter
-    return None
+@functools.cache
+def controller():
+    """threadpoolctl's controller of the BLAS libraries loaded in this process, built once (a
+    scan of them takes a few milliseconds), or None without threadpoolctl. SciPy's OpenBLAS is
+    loaded first: the kernels' sgemm may be its."""
+    try:
+        from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+    except ImportError:
+        return None
+    import scipy.linalg.cython_blas  # noqa: F401, PLC0415
+
+    return ThreadpoolController()
 
 
 def _pin_kernel_openblas():
     """Give the OpenBLAS behind the kernels' sgemm one thread for good, when it is a library of
-    its own (SciPy's wheel bundles one, NumPy's another) and returns its thread-count getter.
+    its own (SciPy's wheel bundles one, NumPy's another), and return its threadpoolctl controller.
 
     That library then serves only calls from inside Numba's threads (the attention bodies), so
     it needs no threads of its own, and `_dispatch.blas_single_thread` need not set and restore
@@ -116,29 +119,24 @@ def _pin_kernel_openblas():
     library cannot be told apart.
     """
     path = _blas_library_path() if LIBRARY == "openblas" else None
-    if path is None:
+    if path is None or controller() is None:
         return None
-    try:
-        from threadpoolctl import ThreadpoolController  # noqa: PLC0415
-    except ImportError:
-        return None
-    blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    blas = controller().select(user_api="blas").lib_controllers
     own = [lib for lib in blas if os.path.realpath(lib.filepath) == path]
     others = [lib for lib in blas if os.path.realpath(lib.filepath) != path]
-    getter = _openblas_thread_getter(path)
-    if len(own) != 1 or not others or getter is None:
+    if len(own) != 1 or not others:
         return None
     own[0].set_num_threads(1)
-    return getter
+    return own[0]
 
 
-_KERNEL_THREADS = _pin_kernel_openblas()
+_KERNEL_BLAS = _pin_kernel_openblas()
 
 
 def kernel_blas_single() -> bool:
     """True when the kernels' sgemm library runs one thread now (pinned, and not raised since
     by a caller's threadpoolctl limit)."""
-    return _KERNEL_THREADS is not None and _KERNEL_THREADS() == 1
+    return _KERNEL_BLAS is not None and _KERNEL_BLAS.get_num_threads() == 1
 
 
 @intrinsic

@@ -13,11 +13,11 @@ pass: with OpenBLAS bound (idle OpenMP threads sleep, see `backend`) a threaded 
 against 4 us (2 cores of an AMD EPYC).
 
 Threads: Numba's parallel regions and BLAS calls never run at the same time, except inside the
-attention bodies, which call BLAS (`np.dot`) from every Numba thread. There `blas_single_thread()`
-limits BLAS to one thread per caller (through threadpoolctl), so the two cores see two threads,
-not four; where that BLAS is an OpenBLAS of its own, not NumPy's, it runs one thread for good
-and the limit is skipped (`_blas.kernel_blas_single`). Numba itself uses `backend.num_threads()`
-threads, the same count BLAS is given.
+attention bodies, which call sgemm (`_blas.gemm`) from every Numba thread. There
+`blas_single_thread()` limits BLAS to one thread per caller (through threadpoolctl), so the two
+cores see two threads, not four; where that BLAS is an OpenBLAS of its own, not NumPy's, it runs
+one thread for good and the limit is skipped (`_blas.kernel_blas_single`). Numba itself uses
+`backend.num_threads()` threads, the same count BLAS is given.
 """
 
 from __future__ import annotations
@@ -111,17 +111,6 @@ def cpu_ready() -> None:
     numba.set_num_threads(max(1, min(backend.num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-@functools.cache
-def _blas_controller():
-    try:
-        from threadpoolctl import ThreadpoolController  # noqa: PLC0415
-    except ImportError:
-        return None
-    import scipy.linalg.cython_blas  # noqa: F401, PLC0415  (the BLAS Numba's np.dot calls)
-
-    return ThreadpoolController()
-
-
 @contextlib.contextmanager
 def blas_single_thread():
     """Limit BLAS to one thread per caller while Numba threads call it.
@@ -129,7 +118,7 @@ def blas_single_thread():
     Without threadpoolctl this does nothing: results are the same, but BLAS may then start its
     own threads inside each Numba thread and oversubscribe the cores.
     """
-    controller = _blas_controller()
+    controller = _blas.controller()
     if controller is None or _blas.kernel_blas_single():  # nothing to limit: see _blas
         yield
         return
