@@ -59,3 +59,30 @@ def test_cpu_kernel_runs_small_work_on_the_calling_thread(monkeypatch):
     kernel.threaded(y_threaded, b)
     np.testing.assert_array_equal(y_serial, y_threaded)
     np.testing.assert_array_equal(y_serial, y + b)
+
+
+def test_cache_files_go_when_a_source_of_the_package_changes(tmp_path):
+    (tmp_path / "helpers.py").write_text("SCALE = 1\n")
+    (tmp_path / "body.py").write_text("from helpers import SCALE\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    built = [cache / "body._cpu-3.py311.nbi", cache / "body._cpu-3.py311.1.nbc"]
+    kept = cache / "body.cpython-311.pyc"  # Python's own cache stays
+    for path in (*built, kept):
+        path.write_bytes(b"x")
+    assert _dispatch.drop_stale_cache(tmp_path)  # no stamp yet: the files cannot be trusted
+    assert not any(p.exists() for p in built) and kept.exists()
+    for path in built:
+        path.write_bytes(b"x")  # Numba writes them again
+    assert not _dispatch.drop_stale_cache(tmp_path)  # sources unchanged: the cache stays
+    assert all(p.exists() for p in built)
+    (tmp_path / "helpers.py").write_text("SCALE = 2\n")  # only the inlined helper changed
+    assert _dispatch.drop_stale_cache(tmp_path)
+    assert not any(p.exists() for p in built)
+    assert not _dispatch.drop_stale_cache(tmp_path)
+
+
+def test_a_read_only_package_keeps_its_cache_untouched(tmp_path):
+    (tmp_path / "body.py").write_text("x = 1\n")
+    (tmp_path / "__pycache__").write_text("not a directory")  # cannot hold a stamp
+    assert not _dispatch.drop_stale_cache(tmp_path)

@@ -9,6 +9,8 @@ import pytest
 
 from minivit.kernels import gelu_backward, gelu_backward_ref, gelu_forward, gelu_forward_ref
 
+pytestmark = pytest.mark.usefixtures("each_cpu_body")  # threaded and serial bodies
+
 SHAPES = [(1, 1), (1, 3072), (37, 77), (197, 768), (64, 1536)]  # (R, M)
 
 

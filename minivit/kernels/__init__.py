@@ -11,7 +11,7 @@ All take and return float32.
 
 from __future__ import annotations
 
-from minivit.kernels._dispatch import fusable
+from minivit.kernels._dispatch import drop_stale_cache, fusable
 from minivit.kernels.add_relu import (
     add_relu_backward,
     add_relu_backward_ref,
@@ -57,6 +57,8 @@ from minivit.kernels.xent import (
     softmax_xent_forward,
     softmax_xent_forward_ref,
 )
+
+drop_stale_cache()  # Numba reads a body's cache on its first call, not at import
 
 __all__ = [
     "fusable",

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import itertools
 import os
 import types
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -46,7 +49,12 @@ class CpuKernel:
     """One Numba kernel body compiled twice: `threaded` (`parallel=True`: its `prange` loops are
     split over Numba's threads) and `serial` (`prange` runs as `range` on the calling thread).
     Both do the same arithmetic in the same order per element; a reduction over a `prange` loop
-    (a sum) may round differently between the two."""
+    (a sum) may round differently between the two.
+
+    The serial body is compiled with NumPy's error model, as Numba compiles the body of every
+    parallel region: under Python's, each float division checks its divisor for zero and raises,
+    and that check keeps LLVM from vectorising the loop (a serial tanh-GELU ran 6.0 against 0.54
+    ns per element)."""
 
     def __init__(self, fn, **flags):
         self.threaded = numba.njit(parallel=True, cache=True, **flags)(fn)
@@ -55,11 +63,44 @@ class CpuKernel:
             fn.__code__, fn.__globals__, f"{fn.__name__}_serial", fn.__defaults__, fn.__closure__
         )
         twin.__qualname__, twin.__module__ = f"{fn.__qualname__}_serial", fn.__module__
-        self.serial = numba.njit(cache=True, **flags)(twin)
+        self.serial = numba.njit(cache=True, **{"error_model": "numpy", **flags})(twin)
 
     def body(self, elements: int):
         """The compiled body for a pass over `elements` array elements."""
         return self.serial if elements < SERIAL_BELOW else self.threaded
+
+
+def drop_stale_cache(package: Path = Path(__file__).parent) -> bool:
+    """Delete the package's Numba cache files when any of its sources changed since they were
+    written; returns whether it deleted them.
+
+    Numba keys a cached function by the time stamp and size of the file that defines it, not
+    of the files it inlines from, so after an edit of `_vecmath` or `_blas` (a `git pull`) the
+    bodies in `attention.py` or `gelu.py` would go on loading code built from the old helpers.
+    A SHA-256 of every `*.py` of the package, kept beside the cache in `__pycache__`, tells.
+    Nothing happens where `__pycache__` cannot be written: Numba then caches elsewhere, and
+    `NUMBA_CACHE_DIR` users clear their own directory.
+    """
+    digest = hashlib.sha256()
+    for source in sorted(package.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    cache, want = package / "__pycache__", digest.hexdigest()
+    stamp = cache / "minivit-sources.sha256"
+    try:
+        if stamp.read_text() == want:
+            return False
+    except OSError:
+        pass
+    try:
+        cache.mkdir(exist_ok=True)
+        for stale in itertools.chain(cache.glob("*.nbi"), cache.glob("*.nbc")):
+            stale.unlink(missing_ok=True)
+        partial = cache / f"{stamp.name}.{os.getpid()}.tmp"
+        partial.write_text(want)
+        partial.replace(stamp)  # atomic: another process sees the old stamp or the new one
+    except OSError:
+        return False
+    return True
 
 
 def cpu_kernel(**flags):

@@ -3,8 +3,15 @@
 `math.exp` inside a Numba loop becomes a scalar libm call per element (no vector math library
 is linked), about 4x slower than this polynomial. `exp32` reduces x = n ln2 + r with |r| <= ln2/2,
 evaluates the degree-7 Taylor polynomial of e^r (truncation error < 2e-8 relative) and builds
-2^n from its exponent bits; measured max relative error 6e-8 against float64 exp on [-87, 88].
+2^n from its exponent bits; measured max relative error 8e-8 against float64 exp on [-87, 88].
 Inputs below -87 give about 1.6e-38 instead of a denormal or zero, which no sum here notices.
+
+It stays in float32 from end to end: Numba's `math.floor` returns an int64, which made the
+whole reduction and polynomial float64 and the loops around it half as wide (2 AMD Zen 4 cores:
+0.47 against 0.21 ns per element threaded, 0.81 against 0.30 serial). The reduction and the
+Horner steps are `llvm.fma` calls (`_fma32`), which no fast-math flag of the caller may split or
+reassociate: under `fastmath=True` LLVM otherwise folds `x - n ln2_hi - n ln2_lo` into one
+product and the error grew to 3e-7.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 _LOG2E = np.float32(1.0 / math.log(2.0))
@@ -81,13 +89,27 @@ def _flip_negative(bits):
     return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
 
 
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """a * b + c in float32, rounded once (`llvm.fma.f32`), whatever the fast-math flags."""
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32"
+        )
+        return builder.call(fma, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
 @numba.njit(inline="always", fastmath=True, cache=True)
 def exp32(x):
     """e**x in float32, vectorisable."""
-    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
-    n = math.floor(x * _LOG2E + np.float32(0.5))
-    r = x - n * _LN2_HI - n * _LN2_LO  # |r| <= ln2 / 2
+    x = min(max(np.float32(x), np.float32(-87.0)), np.float32(88.0))
+    n = np.floor(x * _LOG2E + np.float32(0.5))  # float32 (math.floor would give an int64)
+    r = _fma32(-n, _LN2_LO, _fma32(-n, _LN2_HI, x))  # |r| <= ln2 / 2
     p = _TAYLOR[0]
     for c in _TAYLOR[1:]:
-        p = p * r + c
+        p = _fma32(p, r, c)
     return p * _float32_from_bits((np.int32(n) + np.int32(127)) << 23)  # e^r * 2^n
