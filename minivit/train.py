@@ -641,7 +641,8 @@ def header_lines(run: _Run) -> list[str]:
     if not minivit.BLAS_THREADS_SLEEP:
         lines.append(
             "note: NumPy was imported before minivit, so OpenBLAS threads spin between calls and "
-            "steps run ~10% slower; import minivit first or set OPENBLAS_THREAD_TIMEOUT=4"
+            "steps run ~10% slower; import minivit first or set "
+            f"OPENBLAS_THREAD_TIMEOUT={minivit.BLAS_THREAD_TIMEOUT}"
         )
     lines.append(
         "note: the first step includes compiling minivit's kernels (numba), so it is slower "
