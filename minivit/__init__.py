@@ -16,15 +16,14 @@ import sys
 # After each call OpenBLAS's worker threads spin for 2^OPENBLAS_THREAD_TIMEOUT cycles before they
 # sleep (default 2^28, about 0.1 s), and on a small machine they take the cores from the Numba
 # kernel that runs next: attention ran 1.8x slower inside a ViT-S/16 training step than alone,
-# and the step took 3.4 s instead of 2.95 s on 2 cores. 2^17 cycles (about 50 us) is short
-# beside a kernel but covers the gap between the back-to-back products of a batch-1 forward, whose
-# worker no longer has to be woken for each one: with 2^4 (sleep at once) a ViT-S/16 batch-1
-# forward took 80.5-81.8 ms and with 2^17 68.8-72.1 ms (4 runs each, 2 AMD EPYC cores; ViT-Ti/16
-# b1 about 5% faster; training steps, R26+S/32 and Mixer-B/16 batch 1 the same within noise).
-# OpenBLAS reads this when NumPy loads it, so it only applies when minivit is imported before
-# NumPy (the `minivit` command is); otherwise set OPENBLAS_THREAD_TIMEOUT=17 in the environment.
-# BLAS_THREADS_SLEEP says whether a short timeout applies.
-BLAS_THREAD_TIMEOUT = "17"
+# and the step took 3.4 s instead of 2.95 s on 2 cores. 2^4 cycles makes them sleep at once.
+# 2^17 (about 50 us, enough to span the gap between the back-to-back products of a batch-1
+# forward) was tried: a ViT-S/16 batch-1 forward loop ran 69-72 instead of 80-82 ms, but in two
+# full bench/step.py runs ViT-Ti/16 batch 1 read 25.8 and 15.6 img/s against 34.2 with 2^4 (2 AMD
+# EPYC cores), so it was not kept. OpenBLAS reads this when NumPy loads it, so it only applies
+# when minivit is imported before NumPy (the `minivit` command is); otherwise set
+# OPENBLAS_THREAD_TIMEOUT=4 in the environment. BLAS_THREADS_SLEEP says whether it applies.
+BLAS_THREAD_TIMEOUT = "4"
 BLAS_THREADS_SLEEP = "numpy" not in sys.modules or "OPENBLAS_THREAD_TIMEOUT" in os.environ
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", BLAS_THREAD_TIMEOUT)
 

@@ -85,4 +85,4 @@ def test_openblas_threads_sleep_when_minivit_comes_first(imports, env, sleeps):
         [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
         check=True, timeout=120,
     )  # fmt: skip
-    assert out.stdout.split() == [str(sleeps), env.get("OPENBLAS_THREAD_TIMEOUT", "17")]
+    assert out.stdout.split() == [str(sleeps), env.get("OPENBLAS_THREAD_TIMEOUT", "4")]
