@@ -238,9 +238,8 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
         step_s=seconds,
         iters=iters,
         gemm_gflops=gemm,
-        # with OpenBLAS bound, kernels.matmul is NumPy's product: no second probe
-        numpy_gemm_gflops=square_gemm_rate() if _blas.LIBRARY == "mkl" else gemm,
         blas_library=_blas.LIBRARY,
+        products=_blas.products_description(),
         numba_layer=layer,
         numba_threads=numba.get_num_threads(),
         blas=_common.blas_report(),
@@ -567,10 +566,8 @@ def detail_lines(details: dict) -> list[str]:
         if not ok:
             continue
         rates = statistics.median(r["gemm_gflops"] for r in ok)
-        keys = ("version", "threads", "layer", "library")
+        keys = ("version", "threads", "layer", "library", "products")
         extra = {k: v for k, v in ok[0].items() if k.endswith(keys)}
-        if "numpy_gemm_gflops" in ok[0]:
-            extra["numpy_gemm"] = round(statistics.median(r["numpy_gemm_gflops"] for r in ok), 1)
         lines.append(f"{framework} children: median in-process GEMM {rates:.1f} GFLOP/s; {extra}")
     return lines
 

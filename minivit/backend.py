@@ -60,27 +60,27 @@ def blas_choice() -> tuple[str, str | None]:
     return "openblas", None
 
 
-def _openmp_wait_policy() -> None:
-    """Let idle OpenMP threads sleep at once, unless MKL shares Numba's OpenMP pool.
+def openmp_wait_policy(products_on_numpy_threads: bool) -> None:
+    """Let idle OpenMP threads sleep at once where NumPy's own OpenBLAS threads run the products;
+    elsewhere keep libgomp's default, a short spin after each parallel region.
 
-    With OpenBLAS, Numba's OpenMP threads and OpenBLAS's own threads take turns on the same
-    cores, and an OpenMP thread that spins after its parallel region steals the core from the
-    BLAS call that follows: a ViT-S/16 batch-1 forward ran 10x slower (2.5 vs 25 img/s on 2
-    cores), so they must sleep. With MKL on GNU OpenMP the kernels and the GEMMs run on one pool
-    of threads, and libgomp's default short spin keeps them ready between back-to-back calls:
-    sleeping made ViT-Ti/16 batch-1 inference 43 instead of 28 ms and an R26+S/32 training step
-    at batch 32 7.8 instead of 5.9 s. Set before Numba or MKL loads the OpenMP runtime; an
-    OMP_WAIT_POLICY already in the environment is kept.
+    `kernels._blas` calls this when it has bound the GEMM library, before any parallel region
+    starts the OpenMP runtime (which reads the variable once); an OMP_WAIT_POLICY already in the
+    environment is kept.
+
+    - Products on NumPy's threaded OpenBLAS (where NumPy and SciPy share one library): Numba's
+      OpenMP threads and OpenBLAS's own take turns on the same cores, and an OpenMP thread that
+      spins after its region steals the core from the BLAS call that follows: a ViT-S/16 batch-1
+      forward ran 10x slower (2.5 vs 25 img/s on 2 cores), so they must sleep.
+    - MKL on GNU OpenMP, or OpenBLAS cut over Numba's threads (`kernels.gemm`): kernels and
+      products run on one pool of threads, and the spin keeps it ready between back-to-back
+      calls. With MKL, sleeping made ViT-Ti/16 batch-1 inference 43 instead of 28 ms and an
+      R26+S/32 training step at batch 32 7.8 instead of 5.9 s. The price: a NumPy product of the
+      caller's own right after a minivit kernel shares the cores with that spin for a moment.
     """
-    try:
-        library = blas_choice()[0]
-    except (ValueError, RuntimeError):  # reported, in one sentence, when the kernels load
-        library = "openblas"
-    if library != "mkl":
+    if products_on_numpy_threads:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-
-_openmp_wait_policy()
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameter numbers from glibc's malloc.h
 

@@ -638,7 +638,7 @@ def header_lines(run: _Run) -> list[str]:
     if c.resume:
         lines.append(f"  resuming    at step {run.step} of {c.total_steps}")
     lines += departures(c, pretrained=run.source_checkpoint is not None)
-    if not minivit.BLAS_THREADS_SLEEP:
+    if not minivit.BLAS_THREADS_SLEEP and _products_on_numpy_threads():
         lines.append(
             "note: NumPy was imported before minivit, so OpenBLAS threads spin between calls and "
             "steps run ~10% slower; import minivit first or set "
@@ -651,6 +651,12 @@ def header_lines(run: _Run) -> list[str]:
     return lines
 
 
+def _products_on_numpy_threads() -> bool:
+    from minivit.kernels import _blas  # noqa: PLC0415  (loads Numba: only once training starts)
+
+    return _blas.products_on_numpy_threads()
+
+
 def _compute(comm, blas_threads: int | None) -> str:
     """Where the steps run: the device, and on the CPU the threads and the BLAS of the GEMMs."""
     if comm.devices != ["cpu"]:
@@ -659,7 +665,7 @@ def _compute(comm, blas_threads: int | None) -> str:
 
     blas = f"{blas_threads} BLAS thread{'s' if blas_threads != 1 else ''}" if blas_threads else ""
     threads = f"{backend.num_threads()} kernel threads" + (f", {blas}" if blas else "")
-    return f"cpu, {threads}, matrix products on {_blas.LIBRARY}"
+    return f"cpu, {threads}, matrix products: {_blas.products_description()}"
 
 
 def _every(period: int, total: int) -> str:
@@ -1006,14 +1012,15 @@ def _resize_only_loader():
 
 
 def _blas_limit(threads: int | None):
-    """Limit NumPy's BLAS to `threads` inside the block (None: change nothing)."""
+    """Limit NumPy's BLAS to `threads` inside the block (None: change nothing). The kernels' own
+    single-threaded copy of OpenBLAS, where there is one, keeps its one thread."""
     import contextlib  # noqa: PLC0415
-
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
     if threads is None:
         return contextlib.nullcontext()
-    return threadpool_limits(limits=threads, user_api="blas")
+    from minivit.kernels import _blas  # noqa: PLC0415
+
+    return _blas.limit_numpy_blas(threads) or contextlib.nullcontext()
 
 
 def _install_sigint(run: _Run):

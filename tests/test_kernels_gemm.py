@@ -87,6 +87,76 @@ def test_sgemm_body_on_every_layout_matches_float64(case):
     _close(out, 1.0 + a.astype(np.float64) @ b.astype(np.float64))
 
 
+def _split_case(rng, m, k, n, trans_a, trans_b):
+    """Operands laid out as `_sgemm_split` reads them, and the float64 product."""
+    a, b = _operands(rng, m, k, n)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    ab = np.ascontiguousarray(a.T) if trans_a else a  # stored (K, M), read as its transpose
+    bb = np.ascontiguousarray(b.T) if trans_b else b
+    flags = (_blas.T if trans_a else _blas.N, _blas.T if trans_b else _blas.N)
+    return flags, ab, bb, want
+
+
+@pytest.mark.parametrize("by_rows", [True, False])
+@pytest.mark.parametrize("trans_a, trans_b", [(0, 0), (1, 0), (0, 1), (1, 1)])
+@pytest.mark.parametrize("m, k, n, parts", [(197, 64, 200, 2), (7, 5, 40, 3), (33, 17, 15, 2)])
+def test_split_body_matches_float64_on_every_layout(m, k, n, parts, trans_a, trans_b, by_rows):
+    """Every block of rows or columns, including empty and ragged ones (n below parts x 16)."""
+    rng = np.random.default_rng(m + k + n + parts)
+    (ta, tb), ab, bb, want = _split_case(rng, m, k, n, trans_a, trans_b)
+    c = np.full((m, n), np.nan, np.float32)
+    gemm._sgemm_split(ta, tb, ab, bb, np.float32(0), c, parts, by_rows)
+    _close(c, want)
+    start = rng.standard_normal((m, n), dtype=np.float32)
+    c = start.copy()
+    gemm._sgemm_split(ta, tb, ab, bb, np.float32(1), c, parts, by_rows)  # accumulate
+    _close(c, start + want)
+
+
+def test_split_plan_cuts_the_longer_side_and_keeps_small_products_whole():
+    assert gemm.split_plan(1, 1000, 384, 2) == (1, True)  # a batch-1 head: one call
+    assert gemm.split_plan(197, 1152, 384, 2) == (2, False)  # batch-1 tokens: column blocks
+    assert gemm.split_plan(6304, 384, 1536, 2) == (2, True)  # batch 32: row blocks
+    assert gemm.split_plan(384, 1536, 6304, 4) == (4, False)  # a weight gradient
+    assert gemm.split_plan(2048, 20, 4096, 2) == (2, True)
+    assert gemm.split_plan(20, 2048, 4096, 8) == (8, False)
+    assert gemm.split_plan(4096, 4096, 1, 1) == (1, True)  # one thread: one call
+    assert gemm.split_plan(3, 3, 1 << 20, 8) == (3, True)  # no more blocks than rows
+    assert gemm.split_plan(1, 40, 1 << 20, 8) == (2, False)  # or 16-wide column blocks
+    m, n, k = 197, 384, 384
+    assert m * n * k >= gemm.SPLIT_ABOVE and gemm.split_plan(m, n, k, 2)[0] == 2
+
+
+def test_default_products_use_the_split_body_where_openblas_is_its_own(monkeypatch):
+    """With the kernels' OpenBLAS single-threaded and separate from NumPy's, a large product
+    takes `_sgemm_split`, a small one `_sgemm_cpu`; elsewhere the bodies are not both used."""
+    calls = []
+    for name in ("_sgemm_split", "_sgemm_cpu"):
+        real = getattr(gemm, name)
+        monkeypatch.setattr(gemm, name, lambda *a, _r=real, _n=name: (calls.append(_n), _r(*a)))
+    a, b = _operands(np.random.default_rng(6), 197, 384, 400)
+    _close(kernels.matmul(a, b), a.astype(np.float64) @ b)
+    _close(kernels.matmul(a[:2, :8], b[:8, :3]), a[:2, :8].astype(np.float64) @ b[:8, :3])
+    if _blas.LIBRARY == "openblas" and not _blas.products_on_numpy_threads():
+        want = ["_sgemm_split", "_sgemm_cpu"] if backend.num_threads() > 1 else ["_sgemm_cpu"] * 2
+        assert calls == want
+    elif _blas.LIBRARY == "mkl":
+        assert calls == ["_sgemm_cpu", "_sgemm_cpu"]
+    else:
+        assert calls == []
+
+
+def test_numpy_blas_limit_leaves_the_kernels_copy_at_one_thread():
+    limit = _blas.limit_numpy_blas(2)
+    if limit is None:
+        pytest.skip("threadpoolctl is not installed")
+    with limit:
+        if _blas._KERNEL_BLAS is not None:
+            assert _blas.kernel_blas_single() and not _blas.products_on_numpy_threads()
+        others = [p for p in _blas_threads() if p != _blas._blas_library_path()]
+        assert all(_blas_threads()[p] == 2 for p in others)
+
+
 def test_bad_shapes_get_one_sentence():
     a = np.ones((3, 4), np.float32)
     with pytest.raises(ValueError, match="cannot multiply shapes"):
@@ -147,11 +217,38 @@ def _wait_policy_in_child(**env) -> str:
     return done.stdout.strip()
 
 
-def test_openmp_threads_sleep_unless_mkl_shares_their_pool():
-    assert _wait_policy_in_child(MINIVIT_BLAS="openblas") == "PASSIVE"
-    assert _wait_policy_in_child(MINIVIT_BLAS="openblas", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+def _policy_after_import(**env) -> str:
+    code = (
+        "import os, minivit.kernels; from minivit.kernels import _blas; "
+        "print(os.environ.get('OMP_WAIT_POLICY', 'unset'), _blas.products_on_numpy_threads())"
+    )
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_openmp_threads_sleep_only_where_numpy_threads_run_the_products():
+    """The policy is set when the kernels load: PASSIVE only for NumPy's threaded OpenBLAS."""
+    policy, on_numpy = _policy_after_import(MINIVIT_BLAS="openblas").split()
+    assert policy == ("PASSIVE" if on_numpy == "True" else "unset")
+    kept = _policy_after_import(MINIVIT_BLAS="openblas", OMP_WAIT_POLICY="ACTIVE")
+    assert kept.split()[0] == "ACTIVE"
     if backend.find_mkl() is not None:
-        assert _wait_policy_in_child(MINIVIT_BLAS="mkl") == "unset"
+        assert _policy_after_import(MINIVIT_BLAS="mkl") == "unset False"
+
+
+def test_wait_policy_is_passive_exactly_when_asked(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    backend.openmp_wait_policy(products_on_numpy_threads=False)
+    assert "OMP_WAIT_POLICY" not in os.environ
+    backend.openmp_wait_policy(products_on_numpy_threads=True)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    backend.openmp_wait_policy(products_on_numpy_threads=True)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def _blas_threads() -> dict:

@@ -139,6 +139,36 @@ def kernel_blas_single() -> bool:
     return _KERNEL_BLAS is not None and _KERNEL_BLAS.get_num_threads() == 1
 
 
+def products_on_numpy_threads() -> bool:
+    """True where `kernels.matmul` hands float32 products to NumPy's threaded OpenBLAS: OpenBLAS
+    is bound and the kernels' copy of it is not one single-threaded library of its own."""
+    return LIBRARY == "openblas" and not kernel_blas_single()
+
+
+def products_description() -> str:
+    """Where `kernels.matmul` runs float32 products, in words (for reports)."""
+    if LIBRARY == "mkl":
+        return "mkl on the OpenMP threads"
+    if products_on_numpy_threads():
+        return "openblas on NumPy's threads"
+    return "openblas, one block per Numba thread"
+
+
+def limit_numpy_blas(threads: int):
+    """A threadpoolctl limit of `threads` on every BLAS library but the kernels' pinned one (which
+    stays at one thread: raising it would take the products back to NumPy's threads), to use as
+    a context manager; None without threadpoolctl."""
+    if controller() is None:
+        return None
+    blas = controller().select(user_api="blas").lib_controllers
+    paths = [lib.filepath for lib in blas if lib is not _KERNEL_BLAS]
+    return controller().select(filepath=paths).limit(limits=threads)
+
+
+# Only when products run on NumPy's threads must Numba's idle threads sleep at once.
+backend.openmp_wait_policy(products_on_numpy_threads())
+
+
 @intrinsic
 def _sgemm(typingctx, trans_a, trans_b, m, n, k, alpha, a, b, beta, c, lda, ldb, ldc):
     """Fortran sgemm (column-major): c <- alpha op(a) op(b) + beta c, every argument by address."""

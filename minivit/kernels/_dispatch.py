@@ -12,12 +12,14 @@ pass: with OpenBLAS bound (idle OpenMP threads sleep, see `backend`) a threaded 
 (197, 192) batch-1 ViT-Ti/16 activation took 77 us and the serial one 11 us; a bias add 60
 against 4 us (2 cores of an AMD EPYC).
 
-Threads: Numba's parallel regions and BLAS calls never run at the same time, except inside the
-attention bodies, which call sgemm (`_blas.gemm`) from every Numba thread. There
-`blas_single_thread()` limits BLAS to one thread per caller (through threadpoolctl), so the two
-cores see two threads, not four; where that BLAS is an OpenBLAS of its own, not NumPy's, it runs
-one thread for good and the limit is skipped (`_blas.kernel_blas_single`). Numba itself uses
-`backend.num_threads()` threads, the same count BLAS is given.
+Threads: Numba's parallel regions and BLAS calls never run at the same time, except where
+Numba's threads make the BLAS calls themselves: the attention bodies (one sgemm per head) and,
+with OpenBLAS, every product of `kernels.matmul` (one block per thread). There the BLAS must run
+one thread per caller, so the two cores see two threads, not four: where it is an OpenBLAS of its
+own, not NumPy's, it runs one thread for good (`_blas.kernel_blas_single`); otherwise
+`blas_single_thread()` limits it around the attention call (through threadpoolctl) and products
+go to NumPy's threaded OpenBLAS instead. Numba itself uses `backend.num_threads()` threads, the
+same count BLAS is given.
 """
 
 from __future__ import annotations

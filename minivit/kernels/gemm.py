@@ -1,13 +1,21 @@
 """Matrix products of the Dense, MatMul and Conv ops: `matmul(a, b, out=None, accumulate=False)`.
 
 `c = a @ b`, or `c += a @ b` into `out`, for 2-D operands. Bodies: `matmul_ref` is NumPy's `@`
-(the spec, and what CuPy arrays and other dtypes run); the CPU body is one call of the sgemm
-`_blas` binds (Intel MKL where installed on an Intel CPU), given the operands' own strides, so a
-transposed view (`kernel.T`, `x_rows.T`) or a block of rows costs no copy and `accumulate=True`
-adds the product in place (sgemm's beta = 1). With OpenBLAS bound, products take NumPy's `@`
-unless `body="cpu"` asks for the sgemm body: NumPy's own OpenBLAS is the newer build of the two
-in the process, and the kernels' (SciPy's) runs one thread where it is a library of its own
-(`_blas._pin_kernel_openblas`).
+(the spec, and what CuPy arrays and other dtypes run); the CPU body calls the sgemm `_blas` binds,
+given the operands' own strides, so a transposed view (`kernel.T`, `x_rows.T`) or a block of rows
+costs no copy and `accumulate=True` adds the product in place (sgemm's beta = 1):
+
+- MKL (installed, on an Intel CPU): one call; MKL threads it on the OpenMP pool Numba's kernels
+  use.
+- OpenBLAS of its own (SciPy's, pinned to one thread, `_blas.kernel_blas_single`): the product is
+  cut into one block of rows or of columns per Numba thread and each thread makes one
+  single-threaded call (`_sgemm_split`), so products and kernels run on one pool of threads,
+  which spin briefly between regions instead of sleeping (see `backend`). NumPy's threaded
+  OpenBLAS runs the same products at the same rate one at a time, but in a step each call waits
+  for its sleeping worker: on 2 AMD EPYC cores a ViT-Ti/16 batch-1 forward took 27-28 instead of
+  42-46 ms. Products under `SPLIT_ABOVE` multiply-adds run on the calling thread.
+- OpenBLAS shared with NumPy (some system builds): NumPy's `@`, which threads it, unless
+  `body="cpu"` asks for the single sgemm call.
 """
 
 from __future__ import annotations
@@ -19,6 +27,10 @@ from minivit import backend
 from minivit.kernels import _blas, _dispatch
 
 _ONE, _ZERO = np.float32(1.0), np.float32(0.0)
+# Products of fewer multiply-adds run on the calling thread: a region costs a few microseconds,
+# about what 2^19 multiply-adds take on one core (a classifier head at batch 1 is 384 x 1000).
+SPLIT_ABOVE = 1 << 19
+_ALIGN = 16  # column blocks start on a 64-byte boundary of each row
 
 
 def matmul_ref(a, b, out=None, accumulate: bool = False):
@@ -34,6 +46,37 @@ def _sgemm_cpu(trans_a, trans_b, a, b, beta, c):
     m, n = c.shape
     k = a.shape[0] if trans_a == _blas.T else a.shape[1]
     _blas.gemm(trans_a, trans_b, m, n, k, _ONE, a, b, beta, c)
+
+
+@numba.njit(parallel=True, cache=True)
+def _sgemm_split(trans_a, trans_b, a, b, beta, c, parts, by_rows):
+    """c <- op(a) op(b) + beta c as `parts` single-threaded sgemm calls, one per Numba thread:
+    on blocks of rows of c (`by_rows`) or of columns (starting at multiples of `_ALIGN`)."""
+    m, n = c.shape
+    k = a.shape[0] if trans_a == _blas.T else a.shape[1]
+    for p in numba.prange(parts):
+        if by_rows:
+            i0, i1 = p * m // parts, (p + 1) * m // parts
+            if i1 > i0:
+                ab = a[i0:i1] if trans_a == _blas.N else a[:, i0:i1]
+                _blas.gemm(trans_a, trans_b, i1 - i0, n, k, _ONE, ab, b, beta, c[i0:i1])
+        else:
+            j0 = p * n // parts // _ALIGN * _ALIGN
+            j1 = n if p == parts - 1 else (p + 1) * n // parts // _ALIGN * _ALIGN
+            if j1 > j0:
+                bb = b[:, j0:j1] if trans_b == _blas.N else b[j0:j1]
+                _blas.gemm(trans_a, trans_b, m, j1 - j0, k, _ONE, a, bb, beta, c[:, j0:j1])
+
+
+def split_plan(m: int, n: int, k: int, threads: int) -> tuple[int, bool]:
+    """How `matmul` cuts an (m, k) x (k, n) product over Numba's threads with OpenBLAS of its own:
+    (blocks, by_rows). One block (on the calling thread) below `SPLIT_ABOVE` multiply-adds;
+    otherwise one per thread along the longer side of the result, no more than that side has
+    rows, or `_ALIGN`-wide columns."""
+    if threads < 2 or m * n * k < SPLIT_ABOVE:
+        return 1, True
+    by_rows = m >= n
+    return max(1, min(threads, m if by_rows else n // _ALIGN)), by_rows
 
 
 def _block(x) -> tuple:
@@ -72,12 +115,19 @@ def matmul(a, b, out=None, accumulate: bool = False, body: str | None = None):
         raise ValueError(f"matmul: out has shape {out.shape}, the product {a.shape[0], b.shape[1]}")
     chosen = _dispatch.pick_body("matmul", a, body)
     arrays = (a, b) if out is None else (a, b, out)
-    wanted = body == "cpu" or _blas.LIBRARY == "mkl"  # by default, only where MKL is bound
+    on_numpy = _blas.products_on_numpy_threads()
+    split = _blas.LIBRARY == "openblas" and not on_numpy
+    wanted = body == "cpu" or not on_numpy
     ready = _cpu_ready(*arrays) and (out is None or out.flags.c_contiguous)
     if chosen == "cpu" and wanted and ready:
         _dispatch.cpu_ready()
         c = np.empty((a.shape[0], b.shape[1]), np.float32) if out is None else out
         (ab, ta), (bb, tb) = _block(a), _block(b)
-        _sgemm_cpu(ta, tb, ab, bb, _ONE if accumulate else _ZERO, c)
+        beta = _ONE if accumulate else _ZERO
+        parts, by_rows = split_plan(*c.shape, a.shape[1], numba.get_num_threads() if split else 1)
+        if parts > 1:
+            _sgemm_split(ta, tb, ab, bb, beta, c, parts, by_rows)
+        else:
+            _sgemm_cpu(ta, tb, ab, bb, beta, c)
         return c
     return matmul_ref(a, b, out, accumulate)
