@@ -7,9 +7,8 @@ runs in a fresh child process, so its peak resident memory (ru_maxrss) is its ow
 are not timed (JAX's compile time is reported apart); the figure is the median of the timed steps.
 The header gives the thread settings, the BLAS kernel NumPy uses and the fp32 GEMM rate of a large
 NumPy sgemm; each minivit child measures the rate of the GEMM minivit's ops call (`kernels.matmul`:
-MKL where it is bound, else NumPy's OpenBLAS) and of NumPy's, and `% GEMM` is the model's
-arithmetic rate (matmul and conv FLOPs counted from the config, training = 3x forward) over the
-first.
+MKL where it is bound, else OpenBLAS in one block per Numba thread), and `% GEMM` is the model's
+arithmetic rate (matmul and conv FLOPs counted from the config, training = 3x forward) over it.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/step.py [--json] [--quick]
         [--models ViT-S/16 Mixer-B/16] [--frameworks minivit torch jax] [--threads N]
