@@ -1,12 +1,13 @@
 """Micro-benchmark of minivit's fused kernels against their NumPy references and PyTorch's ops.
 
-Shapes of ViT-B/16 at batch 8 and ViT-S/16 at batch 32 (224 px: 197 tokens). For each of
-LayerNorm, GELU (tanh form, the official one, fused with the Dense bias), attention and softmax
-cross-entropy it times minivit's CPU body, the `*_ref` NumPy spec (float64 statistics) and
-torch's op (`layer_norm`, `gelu`, `scaled_dot_product_attention`, `cross_entropy`), forward and
-forward+backward, all with the same thread count, in one process. It then measures the peak extra
-memory of attention forward+backward at 577 tokens (ViT-B/16 at 384 px), batch 32, for the fused
-body and for the plain tokens-squared version, each in a fresh process.
+Shapes of ViT-B/16 at batch 8 and ViT-S/16 at batch 32 (224 px: 197 tokens). For each of LayerNorm,
+GELU (tanh form, the official one, fused with the Dense bias), attention and softmax cross-entropy
+it times minivit's CPU body, the `*_ref` NumPy spec (float64 statistics) and torch's op
+(`layer_norm`, `gelu`, `scaled_dot_product_attention`, `cross_entropy`), forward and
+forward+backward, all with the same thread count; torch's ops in a child process of their own (each
+framework brings its own OpenMP runtime, and two spinning pools would share the cores). It then
+measures the peak extra memory of attention forward+backward at 577 tokens (ViT-B/16 at 384 px),
+batch 32, for the fused body and for the plain tokens-squared version, each in a fresh process.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/kernels.py [--json] [--threads N]
 """
@@ -14,9 +15,11 @@ body and for the plain tokens-squared version, each in a fresh process.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -121,18 +124,32 @@ def _torch_pair(torch, kernel, arrays):
     return forward, forward_backward
 
 
-def run_timings(np, torch, min_runs: int) -> list[dict]:
-    """Time every kernel, shape and pass; returns the rows of the table."""
+def torch_timings(np, torch, min_runs: int) -> dict:
+    """Run in a fresh process: ms of torch's op per "model/kernel/pass", on the same data."""
+    times = {}
+    for model, dims in MODELS.items():
+        for kernel, (_, _, _, arrays) in _cases(np, *dims).items():
+            for name, timed in zip(
+                ("forward", "forward+backward"), _torch_pair(torch, kernel, arrays)
+            ):
+                times[f"{model}/{kernel}/{name}"] = _common.time_ms(timed, min_runs)
+    return times
+
+
+def run_timings(np, torch_ms: dict | None, min_runs: int) -> list[dict]:
+    """Time every kernel, shape and pass in this process; torch's times (`torch_ms`, from
+    `torch_timings` in a child, None without torch) join them. Each framework runs in its own
+    process because each brings its own OpenMP runtime: with both pools spinning after their
+    regions on the same cores, minivit's LayerNorm forward at (1576, 768) read 1.12-1.23x of
+    torch's time against 0.68x before Numba's threads stopped sleeping at once."""
     rows = []
     for model, dims in MODELS.items():
-        for kernel, (shape, fused, ref, arrays) in _cases(np, *dims).items():
-            theirs = _torch_pair(torch, kernel, arrays) if torch is not None else (None, None)
+        for kernel, (shape, fused, ref, _) in _cases(np, *dims).items():
             for index, name in enumerate(("forward", "forward+backward")):
                 row = {"kernel": kernel, "model": model, "shape": shape, "pass": name}
                 row["minivit_ms"] = _common.time_ms(fused[index], min_runs)
                 row["numpy_ms"] = _common.time_ms(ref[index], min_runs)
-                timed = theirs[index]
-                row["torch_ms"] = _common.time_ms(timed, min_runs) if timed else None
+                row["torch_ms"] = (torch_ms or {}).get(f"{model}/{kernel}/{name}")
                 row["speedup_vs_numpy"] = _common.ratio(row["numpy_ms"], row["minivit_ms"])
                 row["vs_torch"] = _common.ratio(row["minivit_ms"], row["torch_ms"])
                 rows.append(row)
@@ -179,17 +196,23 @@ def _main() -> None:
     parser.add_argument("--min-runs", type=int, default=3, help="timed runs per cell at least")
     parser.add_argument("--skip-memory", action="store_true", help="skip the memory probe")
     parser.add_argument("--memory-probe", choices=("fused", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument("--torch-timings", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     _common.setup_threads(args.threads)
-    if args.memory_probe:
-        import json  # noqa: PLC0415
+    import json  # noqa: PLC0415
 
+    if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe)))
         return
     import numpy as np  # noqa: PLC0415
 
-    torch = _common.load_torch(args.threads)
-    rows = run_timings(np, torch, args.min_runs)
+    if args.torch_timings:
+        torch = _common.load_torch(args.threads)
+        print(json.dumps({"version": torch.__version__, **torch_timings(np, torch, args.min_runs)}))
+        return
+    torch_ms = _torch_child(args) if importlib.util.find_spec("torch") else None
+    torch = types.SimpleNamespace(__version__=torch_ms.pop("version")) if torch_ms else None
+    rows = run_timings(np, torch_ms, args.min_runs)
     memory = None if args.skip_memory else _memory_rows()
     report = sys.stderr if args.json else sys.stdout
     _print_header(report, args.threads, torch)
@@ -202,6 +225,13 @@ def _main() -> None:
         if memory:
             print(_memory_line(memory))
     print(_goals(rows, memory), file=report)
+
+
+def _torch_child(args) -> dict:
+    """torch's times from a child process (`--torch-timings`), with its version."""
+    script = str(Path(__file__).resolve())
+    flags = ["--torch-timings", "--threads", str(args.threads), "--min-runs", str(args.min_runs)]
+    return _common.run_probe(script, flags)
 
 
 def _memory_rows() -> dict:
