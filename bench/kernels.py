@@ -19,7 +19,6 @@ import importlib.util
 import math
 import os
 import sys
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -211,11 +210,11 @@ def _main() -> None:
         print(json.dumps({"version": torch.__version__, **torch_timings(np, torch, args.min_runs)}))
         return
     torch_ms = _torch_child(args) if importlib.util.find_spec("torch") else None
-    torch = types.SimpleNamespace(__version__=torch_ms.pop("version")) if torch_ms else None
+    torch_version = torch_ms.pop("version") if torch_ms else None
     rows = run_timings(np, torch_ms, args.min_runs)
     memory = None if args.skip_memory else _memory_rows()
     report = sys.stderr if args.json else sys.stdout
-    _print_header(report, args.threads, torch)
+    _print_header(report, args.threads, torch_version)
     if args.json:
         _common.emit_json(rows, JSON_KEYS)
         if memory:
@@ -248,12 +247,12 @@ def _memory_rows() -> dict:
     }
 
 
-def _print_header(out, threads, torch) -> None:
+def _print_header(out, threads, torch_version: str | None) -> None:
     import numba  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
     versions = f"numpy {np.__version__}, numba {numba.__version__} ({numba.threading_layer()})"
-    versions += f", torch {torch.__version__}" if torch is not None else ", torch not installed"
+    versions += f", torch {torch_version}" if torch_version else ", torch not installed"
     print(f"threads: {threads} for minivit (Numba), NumPy (BLAS) and torch; {versions}", file=out)
     print(
         f"load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores",

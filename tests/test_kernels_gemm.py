@@ -207,16 +207,6 @@ def test_installed_mkl_is_bound_on_intel_cpus_only(monkeypatch):
     assert library == "mkl" and address > 0
 
 
-def _wait_policy_in_child(**env) -> str:
-    code = "import os, minivit; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
-    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 def _policy_after_import(**env) -> str:
     code = (
         "import os, minivit.kernels; from minivit.kernels import _blas; "

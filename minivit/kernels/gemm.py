@@ -12,8 +12,9 @@ costs no copy and `accumulate=True` adds the product in place (sgemm's beta = 1)
   single-threaded call (`_sgemm_split`), so products and kernels run on one pool of threads,
   which spin briefly between regions instead of sleeping (see `backend`). NumPy's threaded
   OpenBLAS runs the same products at the same rate one at a time, but in a step each call waits
-  for its sleeping worker: on 2 AMD EPYC cores a ViT-Ti/16 batch-1 forward took 27-28 instead of
-  42-46 ms. Products under `SPLIT_ABOVE` multiply-adds run on the calling thread.
+  for its sleeping worker: on 2 AMD EPYC cores a ViT-Ti/16 batch-1 forward took 25-31 instead of
+  32-37 ms (3 alternating pairs of processes). Products under `SPLIT_ABOVE` multiply-adds run on
+  the calling thread.
 - OpenBLAS shared with NumPy (some system builds): NumPy's `@`, which threads it, unless
   `body="cpu"` asks for the single sgemm call.
 """
