@@ -3,7 +3,9 @@
 For ViT-Ti/16, ViT-S/16, ViT-B/16, Mixer-B/16 and R26+S/32 at 224 px it measures inference
 images/s at batch 1 and 32 and training-step images/s at batch 32 (and 8 for ViT-B/16): forward,
 softmax cross-entropy, backward and an SGD-momentum update. Every (framework, model, mode, batch)
-runs in a fresh child process, so its peak resident memory (ru_maxrss) is its own. Warm-up steps
+runs alone in a process of its own, forked from a zygote that has imported its framework once
+(`_zygote.py`; `--fresh`: a fresh interpreter each), so its peak resident memory (ru_maxrss,
+read when the timed steps end) is its own. Warm-up steps
 are not timed (JAX's compile time is reported apart); the figure is the median of the timed steps.
 The header gives the thread settings, the BLAS kernel NumPy uses and the fp32 GEMM rate of a large
 NumPy sgemm; each minivit child measures the rate of the GEMM minivit's ops call (`kernels.matmul`:
@@ -11,7 +13,7 @@ MKL where it is bound, else OpenBLAS in one block per Numba thread), and `% GEMM
 arithmetic rate (matmul and conv FLOPs counted from the config, training = 3x forward) over it.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/step.py [--json] [--quick]
-        [--models ViT-S/16 Mixer-B/16] [--frameworks minivit torch jax] [--threads N]
+        [--models ViT-S/16 Mixer-B/16] [--frameworks minivit torch jax] [--threads N] [--fresh]
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import importlib
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
 import _common  # noqa: E402  (next to this file)
+import _zygote  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -177,11 +179,6 @@ def square_gemm_rate(matmul: Callable | None = None, n: int = GEMM_SIZE) -> floa
     return gemm_rate(lambda: product(a, b), n)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux), MB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def batch_data(batch: int):
     """Fixed random NHWC images in [-1, 1] and integer labels. Shapes: (B, S, S, 3), (B,)."""
     import numpy as np  # noqa: PLC0415
@@ -228,6 +225,7 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
             optimizer.update(params, grads, LR)
 
     seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s))
+    rss_mb = _zygote.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel ran yet
@@ -236,6 +234,7 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
     return dict(
         step_s=seconds,
         iters=iters,
+        rss_mb=rss_mb,
         gemm_gflops=gemm,
         blas_library=_blas.LIBRARY,
         products=_blas.products_description(),
@@ -271,10 +270,12 @@ def run_torch(spec: Spec, mode: str, batch: int, budget_s: float, threads: int) 
             optimizer.step()
 
     seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s))
+    rss_mb = _zygote.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
     a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
     return dict(
         step_s=seconds,
         iters=iters,
+        rss_mb=rss_mb,
         gemm_gflops=gemm_rate(lambda: a @ b),
         torch_threads=torch.get_num_threads(),
         torch_version=torch.__version__,
@@ -376,63 +377,113 @@ def run_jax(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
         jax.block_until_ready(out)
 
     seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s))
+    rss_mb = _zygote.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
     a = jax.numpy.ones((GEMM_SIZE, GEMM_SIZE), jax.numpy.float32)
     matmul = jax.jit(lambda u: u @ u)
     return dict(
         step_s=seconds,
         iters=iters,
+        rss_mb=rss_mb,
         compile_s=compile_s,
         jax_version=jax.__version__,
         gemm_gflops=gemm_rate(lambda: matmul(a).block_until_ready()),
     )
 
 
-def child_main(args: argparse.Namespace) -> None:
-    """Run one configuration and print one JSON object (img/s, peak RSS, details)."""
-    spec = next(s for s in SPECS if s.label == args.model)
-    if args.child == "minivit":
-        result = run_minivit(spec, args.mode, args.batch, args.budget)
-    elif args.child == "torch":
-        result = run_torch(spec, args.mode, args.batch, args.budget, args.threads)
+def preload(framework: str, threads: int) -> None:
+    """The imports of `framework`'s child, in its order: what a zygote does once before forking."""
+    if framework == "minivit":
+        for name in ("minivit", "numba", "numpy", "minivit.kernels", "minivit.models"):
+            importlib.import_module(name)  # minivit first: it sets the thread pools up
+        importlib.import_module("minivit.optim")
+    elif framework == "torch":
+        if _common.load_torch(threads) is None:
+            raise ImportError("No module named 'torch'")
+        importlib.import_module("timm")
     else:
-        result = run_jax(spec, args.mode, args.batch, args.budget)
-    result.update(img_s=args.batch / result["step_s"], rss_mb=peak_rss_mb())
-    print(json.dumps(result), flush=True)
+        for name in ("jax", "optax", "flax_models", "minivit.models.registry"):
+            importlib.import_module(name)
+
+
+def run_config(framework: str, request: dict) -> dict:
+    """One configuration (`request`: model, mode, batch, budget, threads): img/s, peak RSS."""
+    spec = next(s for s in SPECS if s.label == request["model"])
+    mode, batch, budget = request["mode"], request["batch"], request["budget"]
+    if framework == "minivit":
+        result = run_minivit(spec, mode, batch, budget)
+    elif framework == "torch":
+        result = run_torch(spec, mode, batch, budget, request["threads"])
+    else:
+        result = run_jax(spec, mode, batch, budget)
+    result.update(img_s=batch / result["step_s"])
+    return result
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """Run one configuration in this fresh process and print its JSON object (`--fresh`)."""
+    print(json.dumps(run_config(args.child, _request(args.model, args.mode, args.batch, args))))
+
+
+def zygote_main(args: argparse.Namespace) -> None:
+    """Import `args.zygote`'s modules once, then fork one child per configuration asked for."""
+    framework = args.zygote
+    _zygote.serve(
+        lambda: preload(framework, args.threads),
+        lambda request: run_config(framework, request),
+        CHILD_TIMEOUT_S,
+    )
 
 
 # ---- the parent: probes, table, goals ------------------------------------------------------------
-def available_frameworks(wanted: list[str]) -> list[str]:
-    """The frameworks of `wanted` whose modules import (timm+torch, jax+flax+optax)."""
-    needs = {"minivit": (), "torch": ("torch", "timm"), "jax": ("jax", "flax", "optax")}
-    found = []
-    for name in wanted:
-        probe = "import " + ", ".join(needs[name]) if needs[name] else "pass"
-        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False)
-        if done.returncode == 0:
-            found.append(name)
-        else:
-            log(f"{name}: not installed, column left empty ({', '.join(needs[name])})")
-    return found
+def _request(model: str, mode: str, batch: int, args: argparse.Namespace) -> dict:
+    return dict(model=model, mode=mode, batch=batch, budget=args.budget, threads=args.threads)
 
 
-def probe(framework: str, spec: Spec, mode: str, batch: int, args: argparse.Namespace) -> dict:
-    """One child process; its JSON result, or {"error": ...} when it failed or timed out."""
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        framework,
-        "--model",
-        spec.label,
-        "--mode",
-        mode,
-        "--batch",
-        str(batch),
-        "--budget",
-        str(args.budget),
-        "--threads",
-        str(args.threads),
-    ]
+class Runner:
+    """Runs configurations: each in a fork of its framework's zygote (default), or with
+    `--fresh` in a fresh interpreter (the check on the fork's memory column, and the slow way)."""
+
+    NEEDS = {"minivit": (), "torch": ("torch", "timm"), "jax": ("jax", "flax", "optax")}
+
+    def __init__(self, wanted: list[str], args: argparse.Namespace):
+        self.args, self.zygotes, self.frameworks = args, {}, []
+        for name in wanted:
+            error = self._start(name)
+            if error is None:
+                self.frameworks.append(name)
+            else:
+                needs = ", ".join(self.NEEDS[name])
+                log(f"{name}: not usable, column left empty ({needs}): {error}")
+
+    def _start(self, name: str) -> str | None:
+        """Start `name`'s zygote (or, with --fresh, check that it imports); an error or None."""
+        here = [sys.executable, str(Path(__file__).resolve())]
+        threads = ["--threads", str(self.args.threads)]
+        if self.args.fresh:
+            probe = "import " + ", ".join(self.NEEDS[name]) if self.NEEDS[name] else "pass"
+            done = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False)
+            return None if done.returncode == 0 else "does not import"
+        zygote = _zygote.Zygote([*here, "--zygote", name, *threads])
+        if zygote.error is None:
+            self.zygotes[name] = zygote
+        return zygote.error
+
+    def run(self, framework: str, spec: Spec, mode: str, batch: int) -> dict:
+        """One configuration's JSON result, or {"error": ...} when it failed or timed out."""
+        if not self.args.fresh:
+            return self.zygotes[framework].run(_request(spec.label, mode, batch, self.args))
+        return fresh_child(framework, spec, mode, batch, self.args)
+
+    def close(self) -> None:
+        for zygote in self.zygotes.values():
+            zygote.close()
+
+
+def fresh_child(framework: str, spec: Spec, mode: str, batch: int, args) -> dict:
+    """One configuration in a fresh interpreter; its JSON result, or {"error": ...}."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", framework]
+    command += ["--model", spec.label, "--mode", mode, "--batch", str(batch)]
+    command += ["--budget", str(args.budget), "--threads", str(args.threads)]
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, check=False, timeout=CHILD_TIMEOUT_S
@@ -448,14 +499,14 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def measure_row(spec: Spec, mode: str, batch: int, frameworks, args, details: dict) -> dict:
+def measure_row(spec: Spec, mode: str, batch: int, runner: Runner, details: dict) -> dict:
     """All frameworks on one configuration, one after the other; the table row."""
     from minivit.models.registry import resolve  # noqa: PLC0415
 
     row = {"model": spec.label, "mode": mode, "batch": batch}
-    for framework in frameworks:
+    for framework in runner.frameworks:
         start = time.perf_counter()
-        result = probe(framework, spec, mode, batch, args)
+        result = runner.run(framework, spec, mode, batch)
         details.setdefault(framework, []).append(result)
         took = time.perf_counter() - start
         if "error" in result:
@@ -579,7 +630,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
     parser.add_argument("--threads", type=int, default=_common.default_threads())
     parser.add_argument("--budget", type=float, help="seconds of timed runs per configuration")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="run each configuration in a fresh interpreter instead of a fork of an interpreter "
+        "that has imported its framework (slower by the imports: ~6 s per timm configuration)",
+    )
     parser.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    parser.add_argument("--zygote", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -603,14 +661,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child_main(args)
         return
+    if args.zygote:
+        zygote_main(args)
+        return
     started = time.perf_counter()
     text = print if not args.json else log
     for line in header(args):
         text(line)
-    frameworks = available_frameworks(args.frameworks)
+    runner = Runner(args.frameworks, args)
     rows, details = [], {}
-    for spec, mode, batch in plan(args):
-        rows.append(measure_row(spec, mode, batch, frameworks, args, details))
+    try:
+        for spec, mode, batch in plan(args):
+            rows.append(measure_row(spec, mode, batch, runner, details))
+    finally:
+        runner.close()
     text("")
     text(_common.format_table(rows, COLUMNS))
     text("")
