@@ -7,7 +7,7 @@ per framework. A zygote process imports the framework once and forks one child p
 configuration; the child runs it and exits, so each configuration still runs alone in its own
 process and the zygote stays as it was after the imports.
 
-Memory: a forked child's `ru_maxrss` counts the anonymous pages it inherits (their page tables
+Memory: a forked child's peak resident set counts the anonymous pages it inherits (their page tables
 are copied at fork) but not the pages of shared libraries and other mapped files that the zygote
 had faulted in (Linux maps those into the child only when the child touches them). A child that
 never executes most of libtorch would read hundreds of MB lower than a fresh process that
@@ -79,8 +79,19 @@ def touch_pages(runs: Sequence[tuple[int, int]]) -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux), MB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process so far, MB: the kernel's high-water mark of this
+    address space (VmHWM). Not `ru_maxrss` where /proc has it: a process started by exec also
+    inherits in `ru_maxrss` the peak of the address space it replaced, which for a child that
+    Python spawns with vfork is its parent's (a fresh 121 MB NumPy process read 164 MB when
+    started from a test process that had reached 164)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def _last_line(path: str) -> str:

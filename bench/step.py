@@ -4,9 +4,9 @@ For ViT-Ti/16, ViT-S/16, ViT-B/16, Mixer-B/16 and R26+S/32 at 224 px it measures
 images/s at batch 1 and 32 and training-step images/s at batch 32 (and 8 for ViT-B/16): forward,
 softmax cross-entropy, backward and an SGD-momentum update. Every (framework, model, mode, batch)
 runs alone in a process of its own, forked from a zygote that has imported its framework once
-(`_zygote.py`; `--fresh`: a fresh interpreter each), so its peak resident memory (ru_maxrss,
-read when the timed steps end) is its own. Warm-up steps
-are not timed (JAX's compile time is reported apart); the figure is the median of the timed steps.
+(`_zygote.py`; `--fresh`: a fresh interpreter each), so its peak resident memory (VmHWM, read
+when the timed steps end) is its own. Warm-up steps are not timed (JAX's compile time is
+reported apart); the figure is the median of the timed steps.
 The header gives the thread settings, the BLAS kernel NumPy uses and the fp32 GEMM rate of a large
 NumPy sgemm; each minivit child measures the rate of the GEMM minivit's ops call (`kernels.matmul`:
 MKL where it is bound, else OpenBLAS in one block per Numba thread), and `% GEMM` is the model's

@@ -77,7 +77,8 @@ def zygote(library):
 
 
 def fresh_peak_mb(library) -> float:
-    code = f"import resource, sys\n{PRELOAD}\n{JOB}\nprint(resource.getrusage(0).ru_maxrss / 1024)"
+    code = f"import sys\n{PRELOAD}\n{JOB}\nsys.path.insert(0, {str(BENCH)!r})\n"
+    code += "import _zygote\nprint(_zygote.peak_rss_mb())"
     done = subprocess.run(
         [sys.executable, "-c", code, str(library)], capture_output=True, text=True, check=True
     )
