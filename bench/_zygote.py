@@ -151,11 +151,14 @@ def serve(preload: Callable[[], None], job: Callable[[dict], dict], timeout_s: i
         return
     runs = resident_file_pages()
     print(json.dumps({"ready": True, "file_pages": sum(n for _, n in runs)}), flush=True)
-    for line in sys.stdin:
-        if line.strip():
-            request = json.loads(line)
-            result = run_forked(runs, lambda r=request: job(r), timeout_s)
-            print(json.dumps(result), flush=True)
+    try:
+        for line in sys.stdin:
+            if line.strip():
+                request = json.loads(line)
+                result = run_forked(runs, lambda r=request: job(r), timeout_s)
+                print(json.dumps(result), flush=True)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it
+        return
 
 
 class Zygote:

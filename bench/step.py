@@ -677,6 +677,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for spec, mode, batch in plan(args):
             rows.append(measure_row(spec, mode, batch, runner, details))
+    except KeyboardInterrupt:
+        log(f"interrupted after {len(rows)} of {len(plan(args))} rows; no table printed")
+        sys.exit(130)
     finally:
         runner.close()
     text("")
