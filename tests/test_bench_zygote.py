@@ -123,3 +123,26 @@ def test_a_zygote_whose_imports_fail_says_so():
     server = _zygote.Zygote([sys.executable, "-c", code])
     assert server.error == "ModuleNotFoundError: No module named 'no_such_framework'"
     server.close()
+
+
+def test_step_bench_forks_and_fresh_children_agree():
+    """bench/step.py's own path: ViT-Ti/16 at batch 1 in minivit, forked from its zygote and in
+    a fresh interpreter; both report a step and a peak that is the model's, not the parent's."""
+    import step  # noqa: PLC0415  (bench/, on the path above)
+
+    spec = next(s for s in step.SPECS if s.label == "ViT-Ti/16")
+    results = {}
+    for fresh in (False, True):
+        args = step.parse_args(["--frameworks", "minivit", "--budget", "0.05", "--threads", "2"])
+        args.fresh = fresh
+        runner = step.Runner(args.frameworks, args)
+        try:
+            assert runner.frameworks == ["minivit"]
+            results[fresh] = runner.run("minivit", spec, "inference", 1)
+        finally:
+            runner.close()
+    forked, alone = results[False], results[True]
+    for result in (forked, alone):
+        assert "error" not in result, result
+        assert result["iters"] >= 5 and result["img_s"] > 0 and result["gemm_gflops"] > 0
+    assert abs(forked["rss_mb"] - alone["rss_mb"]) < 0.1 * alone["rss_mb"], (forked, alone)
