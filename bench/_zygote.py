@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -77,22 +76,6 @@ def touch_pages(runs: Sequence[tuple[int, int]]) -> int:
         sum(memoryview(view).cast("B")[::PAGE])  # the read is what maps each page
         pages += count
     return pages
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MB: the kernel's high-water mark of this
-    address space (VmHWM). Not `ru_maxrss` where /proc has it: a process started by exec also
-    inherits in `ru_maxrss` the peak of the address space it replaced, which for a child that
-    Python spawns with vfork is its parent's (a fresh 121 MB NumPy process read 164 MB when
-    started from a test process that had reached 164)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def _last_line(path: str) -> str:

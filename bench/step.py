@@ -228,7 +228,7 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
             optimizer.update(params, grads, LR)
 
     seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s))
-    rss_mb = _zygote.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
+    rss_mb = _common.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel ran yet
@@ -273,7 +273,7 @@ def run_torch(spec: Spec, mode: str, batch: int, budget_s: float, threads: int) 
             optimizer.step()
 
     seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s))
-    rss_mb = _zygote.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
+    rss_mb = _common.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
     a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
     return dict(
         step_s=seconds,
@@ -380,7 +380,7 @@ def run_jax(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
         jax.block_until_ready(out)
 
     seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s))
-    rss_mb = _zygote.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
+    rss_mb = _common.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
     a = jax.numpy.ones((GEMM_SIZE, GEMM_SIZE), jax.numpy.float32)
     matmul = jax.jit(lambda u: u @ u)
     return dict(

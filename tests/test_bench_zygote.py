@@ -30,7 +30,7 @@ JOB = "numpy.ones(16 * 2**20, dtype=numpy.float32).sum()"
 ZYGOTE = f"""
 import json, sys
 sys.path.insert(0, {str(BENCH)!r})
-import _zygote
+import _common, _zygote
 
 def preload():
     global numpy, LIB, M
@@ -47,7 +47,7 @@ def job(request):
     if request.get("touch", True):
         _zygote.touch_pages(RUNS[0])
     {JOB}
-    return {{"rss_mb": _zygote.peak_rss_mb()}}
+    return {{"rss_mb": _common.peak_rss_mb()}}
 
 RUNS = []
 real_forked = _zygote.run_forked
@@ -78,7 +78,7 @@ def zygote(library):
 
 def fresh_peak_mb(library) -> float:
     code = f"import sys\n{PRELOAD}\n{JOB}\nsys.path.insert(0, {str(BENCH)!r})\n"
-    code += "import _zygote\nprint(_zygote.peak_rss_mb())"
+    code += "import _common\nprint(_common.peak_rss_mb())"
     done = subprocess.run(
         [sys.executable, "-c", code, str(library)], capture_output=True, text=True, check=True
     )
