@@ -396,9 +396,9 @@ def run_jax(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
 def preload(framework: str, threads: int) -> None:
     """The imports of `framework`'s child, in its order: what a zygote does once before forking."""
     if framework == "minivit":
-        for name in ("minivit", "numba", "numpy", "minivit.kernels", "minivit.models"):
+        names = ("minivit", "numba", "numpy", "minivit.kernels", "minivit.models", "minivit.optim")
+        for name in names:
             importlib.import_module(name)  # minivit first: it sets the thread pools up
-        importlib.import_module("minivit.optim")
     elif framework == "torch":
         if _common.load_torch(threads) is None:
             raise ImportError("No module named 'torch'")
@@ -460,13 +460,12 @@ class Runner:
 
     def _start(self, name: str) -> str | None:
         """Start `name`'s zygote (or, with --fresh, check that it imports); an error or None."""
-        here = [sys.executable, str(Path(__file__).resolve())]
-        threads = ["--threads", str(self.args.threads)]
         if self.args.fresh:
             probe = "import " + ", ".join(self.NEEDS[name]) if self.NEEDS[name] else "pass"
             done = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False)
             return None if done.returncode == 0 else "does not import"
-        zygote = _zygote.Zygote([*here, "--zygote", name, *threads])
+        command = [sys.executable, str(Path(__file__).resolve()), "--zygote", name]
+        zygote = _zygote.Zygote([*command, "--threads", str(self.args.threads)])
         if zygote.error is None:
             self.zygotes[name] = zygote
         return zygote.error
@@ -674,11 +673,12 @@ def main(argv: list[str] | None = None) -> None:
         text(line)
     runner = Runner(args.frameworks, args)
     rows, details = [], {}
+    configs = plan(args)
     try:
-        for spec, mode, batch in plan(args):
+        for spec, mode, batch in configs:
             rows.append(measure_row(spec, mode, batch, runner, details))
     except KeyboardInterrupt:
-        log(f"interrupted after {len(rows)} of {len(plan(args))} rows; no table printed")
+        log(f"interrupted after {len(rows)} of {len(configs)} rows; no table printed")
         sys.exit(130)
     finally:
         runner.close()
