@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ FRAMEWORKS = ("minivit", "torch", "jax")
 IMAGE_SIZE, CLASSES, LR = 224, 1000, 1e-3
 GEMM_SIZE = 2048
 CHILD_TIMEOUT_S = 420
-LONG_STEP = 2.0  # a warm-up step longer than this many budgets is timed once (`time_steps`)
+LONG_STEP = 1.0  # a warm-up step longer than the budget is timed once (`time_steps`)
 JSON_KEYS = (
     "model",
     "mode",
@@ -132,8 +133,27 @@ def step_flops(config, mode: str) -> int:
 
 
 # ---- timing inside a child ----------------------------------------------------------------------
+class Phases:
+    """Wall seconds of a child's phases: `mark(name)` charges the time since the previous mark
+    (or since it was made) to `name`. The table's footer sums them over children."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
 def time_steps(
-    step: Callable[[], object], warmup: int, budget_s: float, min_iters: int, max_iters: int
+    step: Callable[[], object],
+    warmup: int,
+    budget_s: float,
+    min_iters: int,
+    max_iters: int,
+    phases: Phases | None = None,
 ) -> tuple[float, int]:
     """Median seconds of `step()` over as many runs as fit `budget_s`, after `warmup` runs.
 
@@ -142,10 +162,13 @@ def time_steps(
     Mixer-B/16 training step at batch 32 in timm or JAX runs 20-35 s on 2 cores, so its single
     run already averages over seconds; a second one would add about 3 minutes to the table).
     """
+    phases = phases or Phases()
+    phases.mark("setup")  # model, data, compile: everything before the first step
     for _ in range(warmup):
         start = time.perf_counter()
         step()
         first = time.perf_counter() - start
+    phases.mark("warm-up")
     if first > LONG_STEP * budget_s:
         min_iters = 1
     iters = max(min_iters, min(max_iters, int(budget_s / max(first, 1e-9))))
@@ -154,6 +177,7 @@ def time_steps(
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    phases.mark("timed")
     return statistics.median(times), iters
 
 
@@ -199,7 +223,7 @@ def _timing_plan(mode: str, batch: int, budget_s: float) -> dict:
 
 
 # ---- the three frameworks (each runs in its own child process) -----------------------------------
-def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
+def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float, phases: Phases) -> dict:
     """minivit: Model.forward under no_grad, or loss_and_grads + SGDMomentum.update."""
     importlib.import_module("minivit")  # before NumPy loads OpenBLAS: minivit/__init__.py
     import numba  # noqa: PLC0415
@@ -227,13 +251,14 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
             _, grads = model.loss_and_grads(images, labels, train=True, rng=rng)
             optimizer.update(params, grads, LR)
 
-    seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s))
+    seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s), phases=phases)
     rss_mb = _common.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel ran yet
         layer = "not started"
     gemm = square_gemm_rate(kernels.matmul)  # the GEMM minivit's ops call
+    phases.mark("GEMM probe")
     return dict(
         step_s=seconds,
         iters=iters,
@@ -247,7 +272,9 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
     )
 
 
-def run_torch(spec: Spec, mode: str, batch: int, budget_s: float, threads: int) -> dict:
+def run_torch(
+    spec: Spec, mode: str, batch: int, budget_s: float, threads: int, phases: Phases
+) -> dict:
     """timm model in eager PyTorch fp32: inference_mode forward, or CE + backward + SGD step."""
     torch = _common.load_torch(threads)
     import timm  # noqa: PLC0415
@@ -272,14 +299,16 @@ def run_torch(spec: Spec, mode: str, batch: int, budget_s: float, threads: int) 
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
 
-    seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s))
+    seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s), phases=phases)
     rss_mb = _common.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
     a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
+    gemm = gemm_rate(lambda: a @ b)
+    phases.mark("GEMM probe")
     return dict(
         step_s=seconds,
         iters=iters,
         rss_mb=rss_mb,
-        gemm_gflops=gemm_rate(lambda: a @ b),
+        gemm_gflops=gemm,
         torch_threads=torch.get_num_threads(),
         torch_version=torch.__version__,
         timm_version=timm.__version__,
@@ -360,7 +389,7 @@ def _jax_step(jax, model, mode: str, params, x, y):
     return compiled, args, time.perf_counter() - start
 
 
-def run_jax(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
+def run_jax(spec: Spec, mode: str, batch: int, budget_s: float, phases: Phases) -> dict:
     """JAX/Flax: the same step under jax.jit; ahead-of-time compile timed apart."""
     import jax  # noqa: PLC0415
 
@@ -379,17 +408,19 @@ def run_jax(spec: Spec, mode: str, batch: int, budget_s: float) -> dict:
             state["args"] = (out[0], out[1], x, y)
         jax.block_until_ready(out)
 
-    seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s))
+    seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s), phases=phases)
     rss_mb = _common.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
     a = jax.numpy.ones((GEMM_SIZE, GEMM_SIZE), jax.numpy.float32)
     matmul = jax.jit(lambda u: u @ u)
+    gemm = gemm_rate(lambda: matmul(a).block_until_ready())
+    phases.mark("GEMM probe")
     return dict(
         step_s=seconds,
         iters=iters,
         rss_mb=rss_mb,
         compile_s=compile_s,
         jax_version=jax.__version__,
-        gemm_gflops=gemm_rate(lambda: matmul(a).block_until_ready()),
+        gemm_gflops=gemm,
     )
 
 
@@ -412,13 +443,14 @@ def run_config(framework: str, request: dict) -> dict:
     """One configuration (`request`: model, mode, batch, budget, threads): img/s, peak RSS."""
     spec = next(s for s in SPECS if s.label == request["model"])
     mode, batch, budget = request["mode"], request["batch"], request["budget"]
+    phases = Phases()
     if framework == "minivit":
-        result = run_minivit(spec, mode, batch, budget)
+        result = run_minivit(spec, mode, batch, budget, phases)
     elif framework == "torch":
-        result = run_torch(spec, mode, batch, budget, request["threads"])
+        result = run_torch(spec, mode, batch, budget, request["threads"], phases)
     else:
-        result = run_jax(spec, mode, batch, budget)
-    result.update(img_s=batch / result["step_s"])
+        result = run_jax(spec, mode, batch, budget, phases)
+    result.update(img_s=batch / result["step_s"], phases=phases.seconds)
     return result
 
 
@@ -511,6 +543,7 @@ def measure_row(spec: Spec, mode: str, batch: int, runner: Runner, details: dict
         result = runner.run(framework, spec, mode, batch)
         details.setdefault(framework, []).append(result)
         took = time.perf_counter() - start
+        result["child_s"] = took
         if "error" in result:
             log(f"  {spec.label} {mode} b{batch} {framework}: FAILED ({result['error']})")
             continue
@@ -625,6 +658,22 @@ def detail_lines(details: dict) -> list[str]:
     return lines
 
 
+def time_lines(details: dict, wall_s: float) -> list[str]:
+    """Where the run's wall time went: each phase of the children summed over configurations,
+    the children's start, page touching and exit, and the rest (this process and the zygotes)."""
+    phases, children = Counter(), 0.0
+    for results in details.values():
+        for result in results:
+            children += result.get("child_s", 0.0)
+            phases.update(result.get("phases", {}))
+    parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())
+    outside = children - sum(phases.values())
+    return [
+        f"wall time {wall_s:.0f} s: {children:.0f} s in configurations ({parts}; {outside:.0f} s "
+        f"to start, touch pages and exit), {wall_s - children:.0f} s in this process and zygotes"
+    ]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout, text on stderr")
@@ -646,7 +695,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.budget is None:
-        args.budget = 1.5 if args.quick else 3.0
+        args.budget = 1.5 if args.quick else 2.0
     return args
 
 
@@ -687,10 +736,9 @@ def main(argv: list[str] | None = None) -> None:
     text("")
     for line in detail_lines(details) + goal_lines(rows):
         text(line)
-    text(
-        f"load average at end: {os.getloadavg()[0]:.2f}; "
-        f"wall time {time.perf_counter() - started:.0f} s"
-    )
+    text(f"load average at end: {os.getloadavg()[0]:.2f}")
+    for line in time_lines(details, time.perf_counter() - started):
+        text(line)
     if args.json:
         _common.emit_json(rows, JSON_KEYS)
 
