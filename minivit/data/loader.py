@@ -27,6 +27,8 @@ from minivit.data.errors import DataError
 from minivit.data.preprocess import eval_transform, train_transform
 from minivit.data.sources import Source
 
+_POOLS = itertools.count()  # numbers each loader's pool, so its threads can be told apart
+
 
 class Loader:
     """Iterable of `(images, labels)` batches for one rank.
@@ -144,7 +146,8 @@ class Loader:
         Closing the generator (a `break`, an exception, Ctrl-C in the consumer) cancels what is
         queued and joins the workers; an exception in a worker is raised here, in step order.
         """
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="minivit-data")
+        prefix = f"minivit-data-{next(_POOLS)}"
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix=prefix)
         pending = collections.deque()
         try:
             for step in itertools.islice(steps, self.prefetch):
@@ -156,3 +159,9 @@ class Loader:
                 yield batch
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            # A Ctrl-C that lands while the pool starts a thread (inside its `start()`) leaves
+            # that thread out of the pool's list, so shutdown does not wait for it; it still
+            # sees the pool's stop signal and ends, and is joined here.
+            for thread in threading.enumerate():
+                if thread.name.startswith(prefix + "_"):
+                    thread.join()
