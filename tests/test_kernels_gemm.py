@@ -285,3 +285,57 @@ def test_kernel_blas_is_pinned_to_one_thread_or_limited_around_each_call():
         with _dispatch.blas_single_thread():
             limited = _blas.controller().info()
         assert {lib["num_threads"] for lib in limited if lib["user_api"] == "blas"} == {1}
+
+
+def test_the_scipy_openblas32_wheel_is_bound_and_pinned_where_installed():
+    """With the wheel installed and OpenBLAS chosen, the kernels' sgemm is the wheel's library,
+    a library of its own (not SciPy's copy, not NumPy's), run on one thread."""
+    wheel = _blas.wheel_openblas()
+    if wheel is None or _blas.LIBRARY != "openblas":
+        pytest.skip("the scipy-openblas32 wheel is not installed, or MKL is bound")
+    assert _blas._blas_library_path() == os.path.realpath(wheel)
+    assert _blas.kernel_blas_single()
+    assert os.path.realpath(wheel) in _blas_threads()
+
+
+def _fake_wheel(root, library_bytes: bytes | None):
+    """A `scipy_openblas32` package under `root` whose lib/ holds `library_bytes` as its
+    library (none when None)."""
+    package = root / "scipy_openblas32"
+    (package / "lib").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    if library_bytes is not None:
+        (package / "lib" / "libscipy_openblas.so").write_bytes(library_bytes)
+    return package
+
+
+def test_wheel_library_is_found_without_importing_the_package(tmp_path, monkeypatch):
+    import importlib  # noqa: PLC0415
+
+    package = _fake_wheel(tmp_path, b"not a shared library")  # its __init__ raises if imported
+    monkeypatch.delitem(sys.modules, "scipy_openblas32", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert _blas.wheel_openblas() == package / "lib" / "libscipy_openblas.so"
+
+
+def test_a_missing_or_broken_wheel_falls_back_to_scipys_openblas(tmp_path, monkeypatch):
+    from numba.extending import get_cython_function_address  # noqa: PLC0415
+
+    scipys = get_cython_function_address("scipy.linalg.cython_blas", "sgemm")
+    monkeypatch.setattr(_blas, "wheel_openblas", lambda: None)
+    assert _blas._openblas_sgemm() == scipys
+    broken = tmp_path / "libscipy_openblas.so"
+    broken.write_bytes(b"not a shared library")
+    monkeypatch.setattr(_blas, "wheel_openblas", lambda: broken)
+    assert _blas._openblas_sgemm() == scipys
+
+
+def test_a_package_without_its_library_is_no_wheel(tmp_path, monkeypatch):
+    import importlib  # noqa: PLC0415
+
+    _fake_wheel(tmp_path, None)
+    monkeypatch.delitem(sys.modules, "scipy_openblas32", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert _blas.wheel_openblas() is None

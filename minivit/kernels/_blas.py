@@ -10,8 +10,15 @@ functions that use it stay in Numba's on-disk cache whichever library is bound.
 
 The library (`LIBRARY`): Intel MKL (`pip install 'minivit[mkl]'`, the `libmkl_rt` of the `mkl`
 wheel) on an Intel CPU, where its sgemm runs 10-40% faster than OpenBLAS on ViT shapes (2 cores
-of a Xeon: 230-280 against 170-200 GFLOP/s); otherwise the OpenBLAS SciPy exports for Cython
-(`scipy.linalg.cython_blas`, the library Numba's own `np.dot` uses). On AMD CPUs MKL is not
+of a Xeon: 230-280 against 170-200 GFLOP/s); otherwise OpenBLAS: the build of the
+`scipy-openblas32` wheel (a dependency; the OpenBLAS NumPy and SciPy bundle, published on its own
+and newer than the copy inside SciPy's wheel), opened privately so that its symbols do not
+replace SciPy's, or where that wheel is missing, the OpenBLAS SciPy exports for Cython
+(`scipy.linalg.cython_blas`, the library Numba's own `np.dot` uses). The version matters for
+weight gradients (`x.T @ g`, a long inner axis and a narrow result): on 2 AMD EPYC Zen 4 cores
+OpenBLAS 0.3.34 ran them at 92-153 GFLOP/s where SciPy 1.17's 0.3.30 ran 53-140 (R26+S/32 and
+ViT-Ti/16 shapes at batch 32), and a ViT-Ti/16 training step at batch 32 took 1.89-1.99 instead
+of 2.29-2.34 s (2 alternating pairs of processes). On AMD CPUs MKL is not
 used by default: PyTorch's MKL ran at 189 GFLOP/s there against OpenBLAS's 410 (2 Zen 5 cores).
 `MINIVIT_BLAS=mkl|openblas` overrides the choice. MKL runs its threads on GNU OpenMP
 (`MKL_THREADING_LAYER=GNU` unless set), the runtime Numba's parallel regions use, so the two
@@ -23,7 +30,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import os
+from pathlib import Path
 
 import numba
 from llvmlite import binding, ir
@@ -46,12 +55,42 @@ def _load_mkl(path: str) -> ctypes.CDLL:
     return mkl
 
 
+def wheel_openblas() -> Path | None:
+    """The shared library of the `scipy-openblas32` wheel, or None where it is not installed.
+    Found without importing the package, whose import loads the library into the global
+    namespace, where its `scipy_`-prefixed symbols could stand in for those of SciPy's own copy."""
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    found = sorted(lib_dir.glob("libscipy_openblas*")) + sorted(lib_dir.glob("*openblas*.dll"))
+    return next((path for path in found if path.is_file()), None)
+
+
+_WHEEL_HANDLES = []  # the opened wheel library, kept for the life of the process
+
+
+def _openblas_sgemm() -> int:
+    """The address of OpenBLAS's sgemm: the wheel's (`wheel_openblas`), else SciPy's."""
+    path = wheel_openblas()
+    if path is not None:
+        try:
+            handle = ctypes.CDLL(str(path))  # RTLD_LOCAL: its symbols stay its own
+            address = ctypes.cast(handle.scipy_sgemm_, ctypes.c_void_p).value
+        except (OSError, AttributeError):  # a broken install: SciPy's copy still works
+            address = None
+        if address:
+            _WHEEL_HANDLES.append(handle)
+            return address
+    return get_cython_function_address("scipy.linalg.cython_blas", "sgemm")
+
+
 def _choose() -> tuple[str, int]:
     """The library to bind (`backend.blas_choice`) and the address of its sgemm."""
     library, mkl_path = backend.blas_choice()
     if library == "mkl":
         return library, ctypes.cast(_load_mkl(mkl_path).sgemm, ctypes.c_void_p).value
-    return library, get_cython_function_address("scipy.linalg.cython_blas", "sgemm")
+    return library, _openblas_sgemm()
 
 
 LIBRARY, _ADDRESS = _choose()
@@ -80,8 +119,9 @@ def _library_of(address: int) -> str | None:
 
 
 def _blas_library_path() -> str | None:
-    """The OpenBLAS that SciPy's Cython sgemm wrapper calls: the library that a lookup of its
-    Fortran `sgemm` from the wrapper's module finds (the module, then what it links)."""
+    """The OpenBLAS whose sgemm is bound: the library holding the bound address when that is
+    OpenBLAS itself (the wheel's), else the one that a lookup of the Fortran `sgemm` from the
+    module holding it finds (SciPy's Cython wrapper module, then what it links)."""
     module = _library_of(_ADDRESS)
     if module is None:
         return None
@@ -109,7 +149,8 @@ def controller():
 
 def _pin_kernel_openblas():
     """Give the OpenBLAS behind the kernels' sgemm one thread for good, when it is a library of
-    its own (SciPy's wheel bundles one, NumPy's another), and return its threadpoolctl controller.
+    its own (the `scipy-openblas32` wheel's or the copy in SciPy's wheel; NumPy's wheel bundles
+    another), and return its threadpoolctl controller.
 
     That library then serves only calls from inside Numba's threads (the attention bodies), so
     it needs no threads of its own, and `_dispatch.blas_single_thread` need not set and restore

@@ -7,14 +7,14 @@ costs no copy and `accumulate=True` adds the product in place (sgemm's beta = 1)
 
 - MKL (installed, on an Intel CPU): one call; MKL threads it on the OpenMP pool Numba's kernels
   use.
-- OpenBLAS of its own (SciPy's, pinned to one thread, `_blas.kernel_blas_single`): the product is
-  cut into one block of rows or of columns per Numba thread and each thread makes one
-  single-threaded call (`_sgemm_split`), so products and kernels run on one pool of threads,
-  which spin briefly between regions instead of sleeping (see `backend`). NumPy's threaded
-  OpenBLAS runs the same products at the same rate one at a time, but in a step each call waits
-  for its sleeping worker: on 2 AMD EPYC cores a ViT-Ti/16 batch-1 forward took 25-31 instead of
-  32-37 ms (3 alternating pairs of processes). Products under `SPLIT_ABOVE` multiply-adds run on
-  the calling thread.
+- OpenBLAS of its own (the `scipy-openblas32` wheel's or SciPy's, pinned to one thread,
+  `_blas.kernel_blas_single`): the product is cut into one block of rows or of columns per
+  Numba thread and each thread makes one single-threaded call (`_sgemm_split`), so products and
+  kernels run on one pool of threads, which spin briefly between regions instead of sleeping
+  (see `backend`). NumPy's threaded OpenBLAS runs the same products at the same rate one at a
+  time, but in a step each call waits for its sleeping worker: on 2 AMD EPYC cores a ViT-Ti/16
+  batch-1 forward took 25-31 instead of 32-37 ms (3 alternating pairs of processes). Products
+  under `SPLIT_ABOVE` multiply-adds run on the calling thread.
 - OpenBLAS shared with NumPy (some system builds): NumPy's `@`, which threads it, unless
   `body="cpu"` asks for the single sgemm call.
 """
