@@ -296,6 +296,8 @@ def test_the_scipy_openblas32_wheel_is_bound_and_pinned_where_installed():
     assert _blas._blas_library_path() == os.path.realpath(wheel)
     assert _blas.kernel_blas_single()
     assert os.path.realpath(wheel) in _blas_threads()
+    version = _blas._KERNEL_BLAS.version  # reports say which build ran the products
+    assert f"openblas {version}, one block per Numba thread" == _blas.products_description()
 
 
 def _fake_wheel(root, library_bytes: bytes | None):

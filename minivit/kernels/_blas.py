@@ -192,7 +192,8 @@ def products_description() -> str:
         return "mkl on the OpenMP threads"
     if products_on_numpy_threads():
         return "openblas on NumPy's threads"
-    return "openblas, one block per Numba thread"
+    version = getattr(_KERNEL_BLAS, "version", None)
+    return f"openblas{f' {version}' if version else ''}, one block per Numba thread"
 
 
 def limit_numpy_blas(threads: int):
