@@ -136,6 +136,24 @@ def test_ctrl_c_in_the_consumer_stops_the_workers():
     assert _data_threads() == []
 
 
+def test_a_worker_caught_before_its_thread_began_does_not_break_the_shutdown(monkeypatch):
+    """A Ctrl-C inside `Thread.start()`, before the OS thread exists, leaves a thread object
+    listed by `threading.enumerate()` that can never be joined: closing the loader skips it
+    and still joins every worker that runs."""
+    from minivit.data import loader as loader_module  # noqa: PLC0415
+
+    monkeypatch.setattr(loader_module, "_POOLS", itertools.count(7000))  # pool "minivit-data-7000"
+    stranded = threading.Thread(target=print, name="minivit-data-7000_99")  # never started
+    real = threading.enumerate
+    monkeypatch.setattr(threading, "enumerate", lambda: [*real(), stranded])
+    loader = Loader(_CtrlC(None), 4, 6, False, workers=2, prefetch=3)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in loader:
+            pass
+    monkeypatch.undo()
+    assert _data_threads() == []
+
+
 def test_bad_loader_settings_get_one_sentence():
     with pytest.raises(
         DataError,

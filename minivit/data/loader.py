@@ -16,6 +16,7 @@ rank whose slice of it is empty still gets an empty batch so collective calls st
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import math
 import threading
@@ -161,7 +162,9 @@ class Loader:
             pool.shutdown(wait=True, cancel_futures=True)
             # A Ctrl-C that lands while the pool starts a thread (inside its `start()`) leaves
             # that thread out of the pool's list, so shutdown does not wait for it; it still
-            # sees the pool's stop signal and ends, and is joined here.
+            # sees the pool's stop signal and ends, and is joined here. One caught before its
+            # OS thread began is listed but cannot be joined (it never runs): skipped.
             for thread in threading.enumerate():
                 if thread.name.startswith(prefix + "_"):
-                    thread.join()
+                    with contextlib.suppress(RuntimeError):  # "cannot join ... before started"
+                        thread.join()
