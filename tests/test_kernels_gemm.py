@@ -300,24 +300,24 @@ def test_the_scipy_openblas32_wheel_is_bound_and_pinned_where_installed():
     assert f"openblas {version}, one block per Numba thread" == _blas.products_description()
 
 
-def _fake_wheel(root, library_bytes: bytes | None):
-    """A `scipy_openblas32` package under `root` whose lib/ holds `library_bytes` as its
-    library (none when None)."""
+def _fake_wheel(root, library_bytes: bytes | None, monkeypatch):
+    """A `scipy_openblas32` package under `root`, first on the import path, whose lib/ holds
+    `library_bytes` as its library (none when None) and whose __init__ raises if imported."""
+    import importlib  # noqa: PLC0415
+
     package = root / "scipy_openblas32"
     (package / "lib").mkdir(parents=True)
     (package / "__init__.py").write_text("raise ImportError('must not be imported')\n")
     if library_bytes is not None:
         (package / "lib" / "libscipy_openblas.so").write_bytes(library_bytes)
+    monkeypatch.delitem(sys.modules, "scipy_openblas32", raising=False)
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
     return package
 
 
 def test_wheel_library_is_found_without_importing_the_package(tmp_path, monkeypatch):
-    import importlib  # noqa: PLC0415
-
-    package = _fake_wheel(tmp_path, b"not a shared library")  # its __init__ raises if imported
-    monkeypatch.delitem(sys.modules, "scipy_openblas32", raising=False)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
+    package = _fake_wheel(tmp_path, b"not a shared library", monkeypatch)
     assert _blas.wheel_openblas() == package / "lib" / "libscipy_openblas.so"
 
 
@@ -334,10 +334,5 @@ def test_a_missing_or_broken_wheel_falls_back_to_scipys_openblas(tmp_path, monke
 
 
 def test_a_package_without_its_library_is_no_wheel(tmp_path, monkeypatch):
-    import importlib  # noqa: PLC0415
-
-    _fake_wheel(tmp_path, None)
-    monkeypatch.delitem(sys.modules, "scipy_openblas32", raising=False)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
+    _fake_wheel(tmp_path, None, monkeypatch)
     assert _blas.wheel_openblas() is None

@@ -76,12 +76,12 @@ def _openblas_sgemm() -> int:
     if path is not None:
         try:
             handle = ctypes.CDLL(str(path))  # RTLD_LOCAL: its symbols stay its own
-            address = ctypes.cast(handle.scipy_sgemm_, ctypes.c_void_p).value
+            sgemm = handle.scipy_sgemm_
         except (OSError, AttributeError):  # a broken install: SciPy's copy still works
-            address = None
-        if address:
+            pass
+        else:
             _WHEEL_HANDLES.append(handle)
-            return address
+            return ctypes.cast(sgemm, ctypes.c_void_p).value
     return get_cython_function_address("scipy.linalg.cython_blas", "sgemm")
 
 
@@ -192,7 +192,7 @@ def products_description() -> str:
         return "mkl on the OpenMP threads"
     if products_on_numpy_threads():
         return "openblas on NumPy's threads"
-    version = getattr(_KERNEL_BLAS, "version", None)
+    version = _KERNEL_BLAS.version  # pinned here (kernel_blas_single); None if unreadable
     return f"openblas{f' {version}' if version else ''}, one block per Numba thread"
 
 
