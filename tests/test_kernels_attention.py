@@ -121,3 +121,26 @@ def test_cpu_body_reads_strided_and_broadcast_heads():
     for g, w in zip(got, want):  # gq is ~0 here (equal keys): compare on the scale of go
         assert_matches(g, w, rtol=2e-5, scale=1.0)
     assert o.transpose(0, 2, 1, 3).flags.c_contiguous  # the outputs take q's (B, N, NH, K) layout
+
+
+@pytest.mark.parametrize(
+    ("pairs", "n", "threads", "block"),
+    [
+        (3, 197, 2, 50),  # 12 tasks of 64, 64, 64, 5 rows: 325 against 266 rows; even: 300 each
+        (6, 197, 2, 64),  # both threads get 591 rows of blocks of 64, 600 of blocks of 50
+        (96, 197, 2, 64),  # batch 32: many tasks, already even
+        (1, 128, 2, 64),  # two full blocks: nothing to balance
+        (1, 1, 2, 64),
+    ],
+)
+def test_query_block_evens_out_the_threads_work(pairs, n, threads, block):
+    assert attention.query_block(pairs, n, threads) == block
+
+
+def test_makespan_counts_the_rows_of_every_task():
+    for pairs, n, block, threads in [(3, 197, 64, 2), (3, 197, 50, 2), (5, 70, 16, 3)]:
+        blocks = -(-n // block)
+        rows = [min(block, n - (t % blocks) * block) for t in range(pairs * blocks)]
+        tasks = len(rows)
+        runs = [rows[t * tasks // threads : (t + 1) * tasks // threads] for t in range(threads)]
+        assert attention._makespan(pairs, n, block, threads) == max(sum(r) for r in runs)

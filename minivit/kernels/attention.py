@@ -161,12 +161,38 @@ def _backward_cpu(go, q, k, v, o, lse, q_block, kv_block, gq, gk, gv):
                 _blas.gemm(_T, _N, m_kv, dim, m, scale, gs, qi, one, gkh[j0:j1])
 
 
+def _makespan(pairs: int, n: int, block: int, threads: int) -> int:
+    """Query rows of the busiest thread when `pairs` (batch, head) pairs of `n` queries are cut
+    into blocks of `block` rows, one task each, and the tasks are dealt out in equal contiguous
+    runs, as Numba's static schedule deals a `prange`."""
+    blocks = -(-n // block)
+    short = blocks * block - n  # rows the last block of each pair lacks
+    tasks, busiest = pairs * blocks, 0
+    for t in range(threads):
+        a, b = t * tasks // threads, (t + 1) * tasks // threads
+        busiest = max(busiest, (b - a) * block - (b // blocks - a // blocks) * short)
+    return busiest
+
+
+def query_block(pairs: int, n: int, threads: int) -> int:
+    """Query rows per forward task: `Q_BLOCK`, unless the fewest equal blocks of at most that many
+    rows leave the busiest thread 2% less work. 197 queries at batch 1 with 3 heads: blocks of 64
+    give one thread 325 rows and the other 266, 4 blocks of 50 give both 300 (the forward took
+    200 instead of 213 us on 2 cores); with 6 heads both cuts are even and 64 rows run faster."""
+    even = -(-n // -(-n // Q_BLOCK)) if n > 0 else Q_BLOCK
+    if even == Q_BLOCK:
+        return Q_BLOCK
+    plain, balanced = (_makespan(pairs, n, b, threads) for b in (Q_BLOCK, even))
+    return even if balanced < 0.98 * plain else Q_BLOCK
+
+
 def _forward_cpu_body(q, k, v):
     _dispatch.cpu_ready()
     o = np.empty_like(q)  # q's layout: (B, N, NH, K) memory for the flax op's transposed views
     lse = np.empty(q.shape[:3], np.float32)
     with _dispatch.blas_single_thread():
-        _forward_cpu(q, k, v, Q_BLOCK, KV_BLOCK, o, lse)
+        block = query_block(q.shape[0] * q.shape[1], q.shape[2], numba.get_num_threads())
+        _forward_cpu(q, k, v, block, KV_BLOCK, o, lse)
     return o, lse
 
 
