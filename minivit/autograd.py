@@ -214,10 +214,13 @@ class Function:
     saved: tuple = ()
 
     def __call__(self, *inputs) -> Tensor:
-        like = next((x for x in inputs if isinstance(x, Tensor)), None)
-        tensors = [as_tensor(x, like) for x in inputs]
-        self.needs_grad = tuple(t.requires_grad for t in tensors)
-        self._recording = is_grad_enabled() and any(self.needs_grad)
+        if all(isinstance(x, Tensor) for x in inputs):  # the usual case: nothing to wrap
+            tensors = inputs
+        else:
+            like = next((x for x in inputs if isinstance(x, Tensor)), None)
+            tensors = [as_tensor(x, like) for x in inputs]
+        self.needs_grad = needs = tuple([t.requires_grad for t in tensors])
+        self._recording = any(needs) and is_grad_enabled()
         xp = backend.xp_of(tensors[0].data)
         out = Tensor(self.forward(xp, *[t.data for t in tensors]), requires_grad=self._recording)
         if self._recording:

@@ -34,6 +34,19 @@ def test_environment_routes_the_public_function(monkeypatch):
     assert len(calls) == 1
 
 
+def test_environment_is_read_afresh_on_every_call(monkeypatch):
+    """pick_body reads os.environ's own dict; a change made at run time shows at once, an empty
+    value counts as unset, and a mapping without that dict is read the plain way."""
+    array = np.zeros(2)
+    for value, body in [("ref", "ref"), ("", "cpu"), ("cpu", "cpu"), ("ref", "ref")]:
+        monkeypatch.setenv(_dispatch.BODY_ENV, value)
+        assert _dispatch.pick_body("k", array, None) == body
+    monkeypatch.delenv(_dispatch.BODY_ENV)
+    assert _dispatch.pick_body("k", array, None) == "cpu"
+    monkeypatch.setattr(_dispatch.os, "environ", {_dispatch.BODY_ENV: "ref"})
+    assert _dispatch.pick_body("k", array, None) == "ref"
+
+
 @pytest.mark.parametrize("bad", ["numba", "CPU", "cuda"])
 def test_unknown_body_is_one_clear_sentence(monkeypatch, bad):
     monkeypatch.delenv(_dispatch.BODY_ENV, raising=False)

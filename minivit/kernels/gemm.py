@@ -98,9 +98,10 @@ def _block(x) -> tuple:
 def _cpu_ready(*arrays) -> bool:
     """True when the sgemm body can run: float32 NumPy operands, no empty axis (`matmul` has
     checked that the operands are 2-D)."""
-    return all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in arrays) and all(
-        x.size > 0 for x in arrays[:2]
-    )
+    for x in arrays:  # loops, not generators: this runs for every product of a step
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+            return False
+    return arrays[0].size > 0 and arrays[1].size > 0
 
 
 def matmul(a, b, out=None, accumulate: bool = False, body: str | None = None):

@@ -26,6 +26,9 @@ _GELU_CUBIC = 0.044715  # the cubic coefficient of the tanh approximation (jax.n
 # ---- helpers shared by the ops modules -------------------------------------------------------
 def float_dtype(*dtypes) -> np.dtype:
     """The dtype an op computes in: float32 if any operand is float32, else their float type."""
+    for d in dtypes:  # the common case first: np.issubdtype costs ~1 us a call
+        if d == np.float32:
+            return np.dtype(backend.DTYPE)
     floats = [np.dtype(d) for d in dtypes if np.issubdtype(d, np.floating)]
     if not floats or any(d == np.float32 for d in floats):
         return np.dtype(backend.DTYPE)
