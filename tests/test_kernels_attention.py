@@ -144,3 +144,31 @@ def test_makespan_counts_the_rows_of_every_task():
         tasks = len(rows)
         runs = [rows[t * tasks // threads : (t + 1) * tasks // threads] for t in range(threads)]
         assert attention._makespan(pairs, n, block, threads) == max(sum(r) for r in runs)
+
+
+@pytest.mark.parametrize("body", ["cpu", "ref"])
+def test_backward_writes_into_views_of_one_packed_buffer(body):
+    # PackedAttention hands over the q, k and v slots of one (B, N, 3, NH, K) gradient buffer
+    rng = np.random.default_rng(11)
+    qkv = rng.standard_normal((2, 37, 3, 3, 16)).astype(np.float32)
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, NH, N, K) views
+    go = rng.standard_normal(q.shape).astype(np.float32)
+    o, lse = attention_forward(q, k, v, body=body)
+    packed = np.full(qkv.shape, np.nan, np.float32)
+    out = tuple(packed[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    got = attention_backward(go, q, k, v, o, lse, body=body, out=out)
+    want = attention_backward_ref(go, q, k, v, *attention_forward_ref(q, k, v))
+    for g, slot, w in zip(got, out, want):
+        assert g is slot
+        assert_matches(g, w, scale=float(np.abs(want[2]).max()))
+    assert not np.isnan(packed).any()  # every slot written
+
+
+def test_backward_rejects_an_out_it_cannot_write_as_rows():
+    q, k, v, go = _inputs((1, 2, 5, 8))
+    o, lse = attention_forward(q, k, v, body="cpu")
+    wrong = (np.zeros_like(q), np.zeros_like(q), np.zeros((1, 2, 5, 7), np.float32))
+    with pytest.raises(ValueError, match=r"out must be three float32 arrays of q's shape"):
+        attention_backward(go, q, k, v, o, lse, body="cpu", out=wrong)
+    with pytest.raises(ValueError, match="unit element stride"):
+        attention_backward(go, q, k, v, o, lse, body="cpu", out=(q[..., ::2],) * 3)

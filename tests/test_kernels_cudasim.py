@@ -78,6 +78,13 @@ def _check_attention(rng):
         refs = attention_backward(go, q, k, v, ref_o, ref_lse, body="ref")
         for g, r in zip(attention_backward(go, q, k, v, o, lse, body="gpu"), refs):
             assert_matches(g, r, scale=float(np.abs(refs[2]).max()))
+        packed = np.zeros(
+            (shape[0], shape[2], 3, shape[1], shape[3]), np.float32
+        )  # PackedAttention
+        out = tuple(packed[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        attention_backward(go, q, k, v, o, lse, body="gpu", out=out)
+        for g, r in zip(out, refs):
+            assert_matches(g, r, scale=float(np.abs(refs[2]).max()))
 
 
 def _run_checks() -> None:

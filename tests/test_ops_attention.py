@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from gradcheck import check_grad
 
-from minivit import ops
+from minivit import Tensor, ops
 
 RNG = np.random.default_rng(6)
 
@@ -58,6 +58,29 @@ def test_attention_dropout_grad_and_rate_zero():
     np.testing.assert_allclose(plain, _attention_loop(q, k, v), rtol=1e-12)
 
 
+def _packed(qkv):
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 2, 4), (1, 3, 3, 1, 7)])
+def test_packed_attention_values_and_grad(shape):
+    qkv = randn(*shape)  # (B, N, 3, NH, K)
+    np.testing.assert_allclose(
+        ops.packed_attention(qkv).data, _attention_loop(*_packed(qkv)), rtol=1e-12, atol=1e-12
+    )
+    check_grad(ops.packed_attention, qkv)
+    check_grad(lambda a: ops.packed_attention(a, 0.3, np.random.default_rng(5)), randn(*shape))
+
+
+def test_packed_attention_gradient_is_the_three_gradients_stacked():
+    qkv, gy = randn(2, 6, 3, 2, 3), randn(2, 6, 2, 3)
+    packed = Tensor(qkv, requires_grad=True)
+    ops.packed_attention(packed).backward(gy)
+    parts = [Tensor(a, requires_grad=True) for a in _packed(qkv)]
+    ops.dot_product_attention(*parts).backward(gy)
+    np.testing.assert_allclose(packed.grad, np.stack([t.grad for t in parts], axis=2), rtol=1e-12)
+
+
 def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"DotProductAttention.*\(2, 3, 4, 5\).*\(2, 3, 2, 5\)"):
         ops.dot_product_attention(randn(2, 3, 4, 5), randn(2, 3, 2, 5), randn(2, 3, 2, 5))
@@ -65,3 +88,7 @@ def test_bad_input_errors():
         ops.dot_product_attention(randn(2, 3, 4), randn(2, 3, 4), randn(2, 3, 4))
     with pytest.raises(ValueError, match="needs rng"):
         ops.dot_product_attention(randn(1, 2, 1, 2), randn(1, 2, 1, 2), randn(1, 2, 1, 2), 0.1)
+    with pytest.raises(ValueError, match=r"PackedAttention.*\(2, 3, 2, 5\).*\(B, N, 3, NH, K\)"):
+        ops.packed_attention(randn(2, 3, 2, 5))
+    with pytest.raises(ValueError, match="needs rng"):
+        ops.packed_attention(randn(1, 2, 3, 1, 2), 0.1)

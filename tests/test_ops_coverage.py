@@ -20,6 +20,7 @@ GRADIENT_CHECKS = {
     "matmul": "test_ops_linalg::test_matmul_grad",
     "dense": "test_ops_linalg::test_dense_grad",
     "dense_gelu": "test_ops_linalg::test_dense_gelu_grad",
+    "heads_projections": "test_ops_linalg::test_heads_projections_values_and_grad",
     "add": "test_ops_elementwise::test_binary_grad",
     "add_relu": "test_ops_elementwise::test_add_relu_values_grad_and_separate_leaf_gradients",
     "sub": "test_ops_elementwise::test_binary_grad",
@@ -48,6 +49,7 @@ GRADIENT_CHECKS = {
     "group_norm": "test_ops_norm::test_group_norm_grad",
     "weight_standardize": "test_ops_norm::test_weight_standardize_grad",
     "dot_product_attention": "test_ops_attention::test_attention_values_and_grad",
+    "packed_attention": "test_ops_attention::test_packed_attention_values_and_grad",
     "conv2d": "test_ops_conv::test_conv2d_values_and_grad",
     "max_pool": "test_ops_conv::test_max_pool_values_and_grad",
     "global_avg_pool": "test_ops_conv::test_global_avg_pool_grad",
@@ -106,6 +108,11 @@ FLOAT32_CASES = {  # op name -> (function of Tensors, float32 inputs)
     "group_norm": (ops.group_norm, (_f32(2, 2, 3, 64), _f32(1, 1, 1, 64), _f32(64))),
     "weight_standardize": (ops.weight_standardize, (_f32(3, 3, 2, 4),)),
     "dot_product_attention": (ops.dot_product_attention, (_f32(2, 3, 2, 4),) * 3),
+    "packed_attention": (ops.packed_attention, (_f32(2, 3, 3, 2, 4),)),
+    "heads_projections": (
+        lambda x, *p: ops.heads_projections(x, p[:3], p[3:]),
+        (_f32(2, 3, 4), *[_f32(4, 2, 3)] * 3, *[_f32(2, 3)] * 3),
+    ),
     "conv2d": (
         lambda x, w, b: ops.conv2d(x, w, b, 2),
         (_f32(1, 5, 5, 2), _f32(3, 3, 2, 3), _f32(3)),

@@ -50,6 +50,18 @@ def test_attention_fused_matches_plain(n, heads, k):
     _agree(ops.dot_product_attention, [q, kk, v], q.shape)
 
 
+@pytest.mark.parametrize("n,heads,k", [(5, 2, 8), (197, 3, 64)])
+def test_packed_attention_fused_matches_plain(n, heads, k):
+    qkv = np.random.default_rng(5).standard_normal((2, n, 3, heads, k))
+    _agree(ops.packed_attention, [qkv], (2, n, heads, k))
+
+
+def test_heads_projections_float32_matches_float64():
+    rng = np.random.default_rng(6)
+    arrays = [rng.standard_normal(s) for s in [(2, 9, 12)] + [(12, 3, 4)] * 3 + [(3, 4)] * 3]
+    _agree(lambda x, *p: ops.heads_projections(x, p[:3], p[3:]), arrays, (2, 9, 3, 3, 4))
+
+
 def test_cross_entropy_fused_matches_plain():
     rng = np.random.default_rng(4)
     logits = rng.standard_normal((6, 10)) * 4

@@ -74,6 +74,31 @@ def test_dense_gelu_grad(x_shape, approximate):
     check_grad(lambda *a: ops.dense_gelu(*a, approximate=approximate), x, kernel, bias)
 
 
+@pytest.mark.parametrize("x_shape", [(2, 5, 4), (3, 4)])
+def test_heads_projections_values_and_grad(x_shape):
+    x = randn(*x_shape)
+    weights = [randn(4, 2, 3) for _ in range(3)]  # (D, NH, K) each, the flax layout
+    biases = [randn(2, 3) for _ in range(3)]  # (NH, K) each
+    expected = np.stack(
+        [np.einsum("...d,dhk->...hk", x, w) + b for w, b in zip(weights, biases)], axis=-3
+    )
+    got = ops.heads_projections(x, weights, biases).data  # (..., 3, NH, K)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+    check_grad(lambda a, *p: ops.heads_projections(a, p[:3], p[3:]), x, *weights, *biases)
+
+
+def test_heads_projections_gives_each_parameter_its_own_contiguous_gradient():
+    params = [Tensor(randn(4, 2, 3), requires_grad=True) for _ in range(3)]
+    biases = [Tensor(randn(2, 3), requires_grad=True) for _ in range(3)]
+    frozen = Tensor(randn(5, 4))
+    ops.sum(ops.mul(ops.heads_projections(frozen, params, biases), randn(5, 3, 2, 3))).backward()
+    assert frozen.grad is None
+    grads = [t.grad for t in params + biases]
+    assert all(g.flags.c_contiguous for g in grads)
+    bases = {id(g if g.base is None else g.base) for g in grads}
+    assert len(bases) == len(grads)  # no two leaves share memory (clipping scales in place)
+
+
 def test_shape_errors_name_op_and_shapes():
     with pytest.raises(ValueError, match=r"MatMul.*\(3, 4\).*\(5, 2\)"):
         ops.matmul(randn(3, 4), randn(5, 2))
@@ -83,3 +108,8 @@ def test_shape_errors_name_op_and_shapes():
         ops.dense(randn(2, 3), randn(4, 5))
     with pytest.raises(ValueError, match=r"Dense.*\(3,\).*\(4, 5\)"):
         ops.dense(randn(2, 4), randn(4, 5), randn(3))
+    w, b = [randn(4, 2, 3)] * 3, [randn(2, 3)] * 3
+    with pytest.raises(ValueError, match=r"HeadsProjections.*\(2, 5\).*\(D, NH, K\)"):
+        ops.heads_projections(randn(2, 5), w, b)
+    with pytest.raises(ValueError, match=r"HeadsProjections.*\(3, 2\).*\(2, 3\)"):
+        ops.heads_projections(randn(2, 4), w, [randn(3, 2)] * 3)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from golden import MODEL_FIXTURES, fixture_config
 
-from minivit.models import build_model
+from minivit.models import build_model, vit
 
 TINY = MODEL_FIXTURES
 FULL = ["Ti_16", "R_Ti_16"]
@@ -47,8 +47,11 @@ def test_logits_and_pre_logits(golden_tiny, name):
     assert max_abs(model.features(inputs["images"]), expected["pre_logits"]) < 1e-5
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["default", "packed-qkv"])
 @pytest.mark.parametrize("name", TINY)
-def test_loss_and_every_gradient(golden_tiny, name):
+def test_loss_and_every_gradient(golden_tiny, name, packed, monkeypatch):
+    if packed:  # training projects q, k, v as one op from PACK_ROWS rows; the fixtures have fewer
+        monkeypatch.setattr(vit, "PACK_ROWS", 1)
     model, inputs, expected = load_fixture(golden_tiny / name)
     loss, grads = model.loss_and_grads(inputs["images"], inputs["labels"])
     assert abs(loss - float(expected["loss"])) < 2e-6

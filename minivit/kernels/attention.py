@@ -196,9 +196,11 @@ def _forward_cpu_body(q, k, v):
     return o, lse
 
 
-def _backward_cpu_body(go, q, k, v, o, lse):
+def _backward_cpu_body(go, q, k, v, o, lse, out=None):
     _dispatch.cpu_ready()
-    gq, gk, gv = np.empty_like(q), np.empty_like(k), np.empty_like(v)  # the inputs' layouts
+    if out is None:
+        out = np.empty_like(q), np.empty_like(k), np.empty_like(v)  # the inputs' layouts
+    gq, gk, gv = out  # zeroed, then accumulated in place by the kernel
     with _dispatch.blas_single_thread():
         _backward_cpu(go, q, k, v, o, lse, Q_BLOCK, KV_BLOCK, gq, gk, gv)
     return gq, gk, gv
@@ -404,14 +406,38 @@ def attention_forward(q, k, v, body: str | None = None):
     return (_forward_cpu_body if chosen == "cpu" else _forward_gpu_body)(q, k, v)
 
 
-def attention_backward(go, q, k, v, o, lse, body: str | None = None):
+def _check_out(out, q) -> None:
+    """Raise a one-sentence error unless `out` is three float32 arrays BLAS can write as rows."""
+    if len(out) != 3 or any(
+        g.shape != q.shape or g.dtype != np.float32 or not _blas_ready(g) for g in out
+    ):
+        found = [(tuple(g.shape), str(g.dtype)) for g in out]
+        raise ValueError(
+            f"attention_backward: out must be three float32 arrays of q's shape {tuple(q.shape)} "
+            f"with unit element stride, got {found}; pass views of one float32 buffer, or None"
+        )
+
+
+def attention_backward(go, q, k, v, o, lse, body: str | None = None, out=None):
     """Fused attention backward, recomputing probabilities block by block from `lse`.
 
     Shapes: go, q, k, v, o (B, NH, N, K), lse (B, NH, N) -> gq, gk, gv (B, NH, N, K)
+
+    `out`: three arrays the gradients are written into and returned (views of one packed buffer,
+    as `PackedAttention` passes); the CPU body writes them in place, the others copy.
     """
     chosen = _dispatch.pick_body("attention_backward", q, body)
     go, q, k, v, o, lse = _prepared("attention_backward", chosen, go, q, k, v, o, lse)
+    if out is not None:
+        _check_out(out, q)
+    if chosen == "cpu":
+        return _backward_cpu_body(go, q, k, v, o, lse, out)
     if chosen == "ref":
-        return attention_backward_ref(go, q, k, v, o, lse)
-    run = _backward_cpu_body if chosen == "cpu" else _backward_gpu_body
-    return run(go, q, k, v, o, lse)
+        grads = attention_backward_ref(go, q, k, v, o, lse)
+    else:
+        grads = _backward_gpu_body(go, q, k, v, o, lse)
+    if out is None:
+        return grads
+    for dst, g in zip(out, grads):
+        dst[...] = g
+    return tuple(out)

@@ -7,7 +7,7 @@ normalisation, attention, convolution and pooling, losses.
 
 from __future__ import annotations
 
-from minivit.ops.attention import dot_product_attention
+from minivit.ops.attention import dot_product_attention, packed_attention
 from minivit.ops.conv import conv2d, global_avg_pool, max_pool
 from minivit.ops.elementwise import (
     add,
@@ -24,7 +24,7 @@ from minivit.ops.elementwise import (
     sub,
     tanh,
 )
-from minivit.ops.linalg import dense, dense_gelu, matmul
+from minivit.ops.linalg import dense, dense_gelu, heads_projections, matmul
 from minivit.ops.loss import softmax_cross_entropy
 from minivit.ops.norm import group_norm, layer_norm, weight_standardize
 from minivit.ops.reduce import log_softmax, max, mean, softmax, sum
@@ -45,6 +45,7 @@ __all__ = [
     "gelu",
     "global_avg_pool",
     "group_norm",
+    "heads_projections",
     "index",
     "layer_norm",
     "log",
@@ -55,6 +56,7 @@ __all__ = [
     "mean",
     "mul",
     "neg",
+    "packed_attention",
     "pad",
     "relu",
     "reshape",

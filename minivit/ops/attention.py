@@ -66,24 +66,61 @@ class DotProductAttention(Function):
         return o.transpose(0, 2, 1, 3)  # (B, N, NH, K)
 
     def backward(self, xp, gy):
+        return self.gradients(xp, gy, self.needs_grad)
+
+    def gradients(self, xp, gy, needs, out=None) -> tuple:
+        """gq, gk, gv (None where `needs` is False), or all three written into `out`.
+
+        Shapes: gy (B, Nq, NH, K) -> (B, Nq, NH, K), (B, Nk, NH, K) x 2; `out` such arrays
+        """
         if self.fused:
             go = gy.transpose(0, 2, 1, 3)  # (B, NH, N, K)
-            grads = kernels.attention_backward(go, *self.saved)
+            into = None if out is None else tuple(g.transpose(0, 2, 1, 3) for g in out)
+            grads = kernels.attention_backward(go, *self.saved, out=into)
             return tuple(g.transpose(0, 2, 1, 3) for g in grads)  # (B, N, NH, K) each
         qh, kh, vh, weights, mask, dropped = self.saved
         go = xp.ascontiguousarray(gy.transpose(0, 2, 1, 3))  # (B, NH, Nq, K)
-        gv = dropped.transpose(0, 1, 3, 2) @ go if self.needs_grad[2] else None  # (B, NH, Nk, K)
+        gv = dropped.transpose(0, 1, 3, 2) @ go if needs[2] else None  # (B, NH, Nk, K)
         gq = gk = None
-        if self.needs_grad[0] or self.needs_grad[1]:
+        if needs[0] or needs[1]:
             gw = go @ vh.transpose(0, 1, 3, 2)  # (B, NH, Nq, Nk)
             if mask is not None:
                 gw *= mask
             glogits = weights * (gw - (gw * weights).sum(axis=-1, keepdims=True))
-            if self.needs_grad[0]:
+            if needs[0]:
                 gq = (glogits @ kh) / math.sqrt(qh.shape[-1])  # (B, NH, Nq, K)
-            if self.needs_grad[1]:
+            if needs[1]:
                 gk = glogits.transpose(0, 1, 3, 2) @ qh  # (B, NH, Nk, K)
-        return tuple(None if g is None else g.transpose(0, 2, 1, 3) for g in (gq, gk, gv))
+        grads = tuple(None if g is None else g.transpose(0, 2, 1, 3) for g in (gq, gk, gv))
+        if out is None:
+            return grads
+        for dst, g in zip(out, grads):
+            dst[...] = g
+        return tuple(out)
+
+
+class PackedAttention(DotProductAttention):
+    """Self-attention on one packed projection: q, k and v are slices of a (B, N, 3, NH, K)
+    array (`heads_projections`), so their gradients land in one buffer of that layout, which the
+    projection's backward reads as the rows of one GEMM.
+
+    Shapes: qkv (B, N, 3, NH, K) -> o (B, N, NH, K)
+    """
+
+    def forward(self, xp, qkv):
+        if qkv.ndim != 5 or qkv.shape[2] != 3:
+            raise self.shape_error(
+                f"qkv of shape {qkv.shape} must be (B, N, 3, NH, K): query, key and value "
+                "stacked on axis 2"
+            )
+        self.packed = qkv.shape, qkv.dtype
+        return super().forward(xp, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+    def backward(self, xp, gy):
+        shape, dtype = self.packed
+        g = xp.empty(shape, dtype)  # (B, N, 3, NH, K)
+        self.gradients(xp, gy, (True, True, True), out=(g[:, :, 0], g[:, :, 1], g[:, :, 2]))
+        return g
 
 
 def dot_product_attention(
@@ -93,6 +130,11 @@ def dot_product_attention(
 
     Shapes: q (B, Nq, NH, K), k and v (B, Nk, NH, K) -> (B, Nq, NH, K)
     """
+    _check_dropout(dropout_rate, rng)
+    return DotProductAttention(dropout_rate, rng)(q, k, v)
+
+
+def _check_dropout(dropout_rate: float, rng) -> None:
     if not 0.0 <= dropout_rate <= 1.0:
         raise ValueError(
             f"dot_product_attention: dropout_rate must lie in [0, 1], got {dropout_rate}"
@@ -101,4 +143,14 @@ def dot_product_attention(
         raise ValueError(
             f"dot_product_attention: dropout_rate {dropout_rate} needs rng, a np.random.Generator"
         )
-    return DotProductAttention(dropout_rate, rng)(q, k, v)
+
+
+def packed_attention(
+    qkv, dropout_rate: float = 0.0, rng: np.random.Generator | None = None
+) -> Tensor:
+    """`dot_product_attention` of the query, key and value packed on axis 2 of one array.
+
+    Shapes: qkv (B, N, 3, NH, K) -> (B, N, NH, K)
+    """
+    _check_dropout(dropout_rate, rng)
+    return PackedAttention(dropout_rate, rng)(qkv)
