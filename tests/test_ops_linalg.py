@@ -55,6 +55,22 @@ def test_dense_grad(x_shape, with_bias):
         check_grad(ops.dense, x, kernel)
 
 
+@pytest.mark.parametrize(
+    "x_shape, kernel_shape, in_axes",
+    [((2, 5, 4), (4, 2, 3), 1), ((2, 5, 2, 3), (2, 3, 4), 2), ((3, 2, 3), (2, 3, 2, 2), 2)],
+)
+def test_dense_general_axes_values_and_grad(x_shape, kernel_shape, in_axes):
+    # flax DenseGeneral: the attention projections (D, NH, K) and (NH, K, D)
+    x, kernel, bias = randn(*x_shape), randn(*kernel_shape), randn(*kernel_shape[in_axes:])
+    n = len(x_shape) - in_axes
+    flat = kernel.reshape(int(np.prod(kernel_shape[:in_axes])), -1)
+    rows = x.reshape(*x_shape[:n], -1) @ flat
+    expected = rows.reshape(*x_shape[:n], *kernel_shape[in_axes:]) + bias
+    got = ops.dense(x, kernel, bias, in_axes=in_axes).data
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+    check_grad(lambda *a: ops.dense(*a, in_axes=in_axes), x, kernel, bias)
+
+
 def test_dense_grad_non_contiguous_and_skips_frozen_inputs():
     x = randn(4, 6, 3).transpose(1, 0, 2)  # (6, 4, 3) transposed
     kernel = randn(5, 3).T  # (3, 5)
@@ -108,6 +124,10 @@ def test_shape_errors_name_op_and_shapes():
         ops.dense(randn(2, 3), randn(4, 5))
     with pytest.raises(ValueError, match=r"Dense.*\(3,\).*\(4, 5\)"):
         ops.dense(randn(2, 4), randn(4, 5), randn(3))
+    with pytest.raises(ValueError, match=r"Dense.*\(2, 4, 3\).*\(3, 4, 5\).*\(\*I, \*O\)"):
+        ops.dense(randn(2, 4, 3), randn(3, 4, 5), in_axes=2)
+    with pytest.raises(ValueError, match=r"Dense.*\(5,\).*\(4, 3, 5\).*\(3, 5\)"):
+        ops.dense(randn(2, 4), randn(4, 3, 5), randn(5))
     w, b = [randn(4, 2, 3)] * 3, [randn(2, 3)] * 3
     with pytest.raises(ValueError, match=r"HeadsProjections.*\(2, 5\).*\(D, NH, K\)"):
         ops.heads_projections(randn(2, 5), w, b)

@@ -37,9 +37,7 @@ class HeadsProjection(Module):
         self.bias = Parameter((num_heads, head_dim), nn.zeros)
 
     def forward(self, x: Tensor) -> Tensor:
-        d, nh, k = self.kernel.shape
-        y = ops.dense(x, ops.reshape(self.kernel, (d, nh * k)), ops.reshape(self.bias, (nh * k,)))
-        return ops.reshape(y, (*x.shape[:-1], nh, k))  # (B, N, NH, K)
+        return ops.dense(x, self.kernel, self.bias)  # (B, N, NH, K)
 
 
 class OutputProjection(Module):
@@ -55,9 +53,7 @@ class OutputProjection(Module):
         self.bias = Parameter((features,), nn.zeros)
 
     def forward(self, x: Tensor) -> Tensor:
-        nh, k, d = self.kernel.shape
-        x = ops.reshape(x, (*x.shape[:-2], nh * k))  # (B, N, NH*K)
-        return ops.dense(x, ops.reshape(self.kernel, (nh * k, d)), self.bias)  # (B, N, D)
+        return ops.dense(x, self.kernel, self.bias, in_axes=2)  # (B, N, D)
 
 
 class MultiHeadDotProductAttention(Module):

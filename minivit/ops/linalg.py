@@ -58,35 +58,50 @@ class MatMul(Function):
 
 
 class Dense(Function):
-    """Affine map over the last axis, in the flax `Dense` layout.
+    """Affine map over the last axis, in the flax `Dense` layout; with `in_axes` > 1 or a kernel
+    of more than two axes, flax `DenseGeneral` (the attention projections' layouts).
 
-    Shapes: x (..., I), kernel (I, O), bias (O,) -> y (..., O)
+    Shapes: x (..., *I), kernel (*I, *O), bias (*O) -> y (..., *O), with `in_axes` axes in I
     """
 
+    in_axes = 1
+
+    def __init__(self, in_axes: int = 1):
+        self.in_axes = in_axes
+
     def _check(self, x, kernel, bias):
-        if kernel.ndim != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
+        n = self.in_axes
+        if kernel.ndim <= n or x.ndim < n or x.shape[x.ndim - n :] != kernel.shape[:n]:
+            want = "(I, O) with I the input's last axis" if n == 1 else f"(*I, *O) with I {n} axes"
             raise self.shape_error(
                 f"input of shape {x.shape} does not fit kernel of shape {kernel.shape}; "
-                "the kernel must be (I, O) with I the input's last axis"
+                f"the kernel must be {want}"
             )
-        if bias and bias[0].shape != kernel.shape[1:]:
+        if bias and bias[0].shape != kernel.shape[n:]:
             raise self.shape_error(
                 f"bias of shape {bias[0].shape} does not fit kernel of shape {kernel.shape}; "
-                f"it must be ({kernel.shape[1]},)"
+                f"it must be {kernel.shape[n:]}"
             )
 
     def forward(self, xp, x, kernel, *bias):
         self._check(x, kernel, bias)
         x, kernel, *bias = as_dtype((x, kernel, *bias), float_dtype(x.dtype, kernel.dtype))
+        n, outer = self.in_axes, kernel.shape[self.in_axes :]
+        if kernel.ndim != 2:  # (*I, *O) as (I, O): a view of the contiguous parameter
+            kernel = kernel.reshape(-1, int(np.prod(outer)))
         self.save(x, kernel)
-        y = kernels.matmul(x.reshape(-1, x.shape[-1]), kernel)  # (R, O)
+        y = kernels.matmul(x.reshape(-1, kernel.shape[0]), kernel)  # (R, O)
         if bias:
-            add_bias_rows(y, bias[0])
-        return y.reshape(*x.shape[:-1], kernel.shape[1])
+            add_bias_rows(y, bias[0].reshape(-1))
+        return y.reshape(*x.shape[: x.ndim - n], *outer)
 
     def backward(self, xp, gy):
         x, kernel = self.saved
-        return self.grads_from_rows(gy.reshape(-1, kernel.shape[1]), x, kernel)
+        grads = self.grads_from_rows(gy.reshape(-1, kernel.shape[1]), x, kernel)
+        return tuple(  # (I, O) and (O,) back in the parameters' own shapes
+            g if g is None or g.shape == t.shape else g.reshape(t.shape)
+            for g, t in zip(grads, self.inputs)
+        )
 
     def grads_from_rows(self, g_rows, x, kernel) -> tuple:
         """Input, kernel and bias gradients from the gradient of the affine output (R, O)."""
@@ -94,7 +109,7 @@ class Dense(Function):
         if self.needs_grad[0]:
             grads[0] = kernels.matmul(g_rows, kernel.T).reshape(x.shape)  # (..., I)
         if self.needs_grad[1]:
-            grads[1] = kernels.matmul(x.reshape(-1, x.shape[-1]).T, g_rows)  # (I, O)
+            grads[1] = kernels.matmul(x.reshape(-1, kernel.shape[0]).T, g_rows)  # (I, O)
         if len(self.needs_grad) == 3:
             grads.append(g_rows.sum(axis=0) if self.needs_grad[2] else None)  # (O,)
         return tuple(grads)
@@ -216,12 +231,15 @@ def dense_gelu(x, kernel, bias, approximate: bool = True) -> Tensor:
     return DenseGelu(approximate)(x, kernel, bias)
 
 
-def dense(x, kernel, bias=None) -> Tensor:
-    """x @ kernel + bias over the last axis (flax `nn.Dense`).
+def dense(x, kernel, bias=None, in_axes: int = 1) -> Tensor:
+    """x @ kernel + bias over the last axis (flax `nn.Dense`), or over the last `in_axes` axes
+    into every further kernel axis (flax `DenseGeneral`: the attention projections).
 
-    Shapes: x (..., I), kernel (I, O), bias (O,) or None -> y (..., O)
+    Shapes: x (..., I), kernel (I, O), bias (O,) or None -> y (..., O); in general
+    x (..., *I), kernel (*I, *O), bias (*O) -> y (..., *O)
     """
-    return Dense()(x, kernel) if bias is None else Dense()(x, kernel, bias)
+    op = Dense(in_axes)
+    return op(x, kernel) if bias is None else op(x, kernel, bias)
 
 
 def heads_projections(x, kernels_, biases) -> Tensor:
