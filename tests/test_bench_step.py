@@ -68,3 +68,38 @@ def test_time_lines_sum_the_children_phases():
         "wall time 20 s: 17 s in configurations (setup 2 s, warm-up 4 s, timed 6 s; 6 s to start,"
         " touch pages and exit), 3 s in this process and zygotes"
     )
+
+
+class FakeRunner:
+    """Runner stand-in: hands out the next img/s of each framework and records every call."""
+
+    def __init__(self, img_s: dict[str, list], budget: float = 2.0):
+        self.frameworks, self.img_s, self.calls = list(img_s), img_s, []
+        self.budget = budget
+
+    def run(self, framework, spec, mode, batch, rounds=1):
+        self.calls.append((framework, self.budget / rounds))
+        value = self.img_s[framework][sum(c[0] == framework for c in self.calls) - 1]
+        if value is None:
+            return {"error": "child died"}
+        return dict(img_s=value, rss_mb=100.0 + value, iters=5, gemm_gflops=200.0)
+
+
+def test_batch_one_rows_take_turns_and_report_the_median_process():
+    runner = FakeRunner({"minivit": [30.0, 48.0, 47.0], "torch": [35.0, 45.0, None]})
+    spec = step.SPECS[0]
+    rounds = step.rounds_for("inference", 1, 3)
+    row = step.measure_row(spec, "inference", 1, runner, {}, rounds)
+    assert [c[0] for c in runner.calls] == ["minivit", "torch"] * 3  # interleaved in time
+    assert all(budget == pytest.approx(2.0 / 3) for _, budget in runner.calls)
+    assert row["minivit_img_s"] == 47.0  # the middle of 30, 47, 48
+    assert row["torch_img_s"] == 45.0  # of the two that ran, the higher middle
+    assert row["minivit_rss_mb"] == 148.0  # the peak of all rounds
+    assert row["vs_torch"] == pytest.approx(47.0 / 45.0)
+    assert step.rounds_for("train", 32, 3) == step.rounds_for("inference", 32, 3) == 1
+
+
+def test_a_framework_whose_every_round_failed_leaves_its_cell_empty():
+    runner = FakeRunner({"minivit": [20.0, 21.0], "torch": [None, None]})
+    row = step.measure_row(step.SPECS[0], "inference", 1, runner, {}, 2)
+    assert row["minivit_img_s"] == 21.0 and "torch_img_s" not in row and row["vs_torch"] is None
