@@ -260,12 +260,11 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float, phases: Phas
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel ran yet
         layer = "not started"
-    gemm = square_gemm_rate(kernels.matmul)  # the GEMM minivit's ops call
     return dict(
         step_s=seconds,
         iters=iters,
         rss_mb=rss_mb,
-        gemm_gflops=gemm,
+        gemm_probe=lambda: square_gemm_rate(kernels.matmul),  # the GEMM minivit's ops call
         blas_library=_blas.LIBRARY,
         products=_blas.products_description(),
         numba_layer=layer,
@@ -308,7 +307,7 @@ def run_torch(
         step_s=seconds,
         iters=iters,
         rss_mb=rss_mb,
-        gemm_gflops=gemm_rate(lambda: a @ b),
+        gemm_probe=lambda: gemm_rate(lambda: a @ b),
         torch_threads=torch.get_num_threads(),
         torch_version=torch.__version__,
         timm_version=timm.__version__,
@@ -418,7 +417,7 @@ def run_jax(spec: Spec, mode: str, batch: int, budget_s: float, phases: Phases) 
         rss_mb=rss_mb,
         compile_s=compile_s,
         jax_version=jax.__version__,
-        gemm_gflops=gemm_rate(lambda: matmul(a).block_until_ready()),
+        gemm_probe=lambda: gemm_rate(lambda: matmul(a).block_until_ready()),
     )
 
 
@@ -438,7 +437,8 @@ def preload(framework: str, threads: int) -> None:
 
 
 def run_config(framework: str, request: dict) -> dict:
-    """One configuration (`request`: model, mode, batch, budget, threads): img/s, peak RSS."""
+    """One configuration (`request`: model, mode, batch, budget, threads, and `probe`: False to
+    skip the GEMM probe, default True): img/s, peak RSS, the framework's GEMM rate or None."""
     spec = next(s for s in SPECS if s.label == request["model"])
     mode, batch, budget = request["mode"], request["batch"], request["budget"]
     phases = Phases()
@@ -448,14 +448,17 @@ def run_config(framework: str, request: dict) -> dict:
         result = run_torch(spec, mode, batch, budget, request["threads"], phases)
     else:
         result = run_jax(spec, mode, batch, budget, phases)
-    phases.mark("GEMM probe")  # what each run_* does after its timed steps
+    probe = result.pop("gemm_probe")  # after the timed steps and the RSS reading
+    result["gemm_gflops"] = probe() if request.get("probe", True) else None
+    phases.mark("GEMM probe")
     result.update(img_s=batch / result["step_s"], phases=phases.seconds)
     return result
 
 
 def child_main(args: argparse.Namespace) -> None:
     """Run one configuration in this fresh process and print its JSON object (`--fresh`)."""
-    print(json.dumps(run_config(args.child, _request(args.model, args.mode, args.batch, args))))
+    request = _request(args.model, args.mode, args.batch, args)
+    print(json.dumps(run_config(args.child, {**request, "probe": not args.no_probe})))
 
 
 def zygote_main(args: argparse.Namespace) -> None:
@@ -501,25 +504,31 @@ class Runner:
             self.zygotes[name] = zygote
         return zygote.error
 
-    def run(self, framework: str, spec: Spec, mode: str, batch: int, rounds: int = 1) -> dict:
-        """One process of a configuration, with 1/rounds of the budget: its JSON result, or
-        {"error": ...} when it failed or timed out."""
+    def run(
+        self, framework: str, spec: Spec, mode: str, batch: int, rounds: int = 1, probe=True
+    ) -> dict:
+        """One process of a configuration, with 1/rounds of the budget (and the GEMM probe
+        unless `probe` is False): its JSON result, or {"error": ...} when it failed or timed
+        out."""
         budget = self.args.budget / rounds
         if not self.args.fresh:
             request = _request(spec.label, mode, batch, self.args)
-            return self.zygotes[framework].run({**request, "budget": budget})
-        return fresh_child(framework, spec, mode, batch, self.args, budget)
+            return self.zygotes[framework].run({**request, "budget": budget, "probe": probe})
+        return fresh_child(framework, spec, mode, batch, self.args, budget, probe)
 
     def close(self) -> None:
         for zygote in self.zygotes.values():
             zygote.close()
 
 
-def fresh_child(framework: str, spec: Spec, mode: str, batch: int, args, budget: float) -> dict:
+def fresh_child(
+    framework: str, spec: Spec, mode: str, batch: int, args, budget: float, probe: bool
+) -> dict:
     """One configuration in a fresh interpreter; its JSON result, or {"error": ...}."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", framework]
     command += ["--model", spec.label, "--mode", mode, "--batch", str(batch)]
     command += ["--budget", str(budget), "--threads", str(args.threads)]
+    command += [] if probe else ["--no-probe"]
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, check=False, timeout=CHILD_TIMEOUT_S
@@ -549,7 +558,9 @@ def median_result(results: list[dict]) -> dict:
     if not ok:
         return results[0]
     chosen = dict(ok[len(ok) // 2])
+    rates = [r["gemm_gflops"] for r in ok if r.get("gemm_gflops") is not None]
     chosen.update(
+        gemm_gflops=chosen.get("gemm_gflops") or (rates[0] if rates else None),
         rss_mb=max(r["rss_mb"] for r in ok),
         iters=sum(r["iters"] for r in ok),
         rounds=[round(r["img_s"], 3) for r in ok],
@@ -568,10 +579,10 @@ def measure_row(
 
     row = {"model": spec.label, "mode": mode, "batch": batch}
     runs: dict[str, list[dict]] = {}
-    for _ in range(rounds):
+    for turn in range(rounds):
         for framework in runner.frameworks:
             start = time.perf_counter()
-            result = runner.run(framework, spec, mode, batch, rounds)
+            result = runner.run(framework, spec, mode, batch, rounds, probe=turn == 0)
             details.setdefault(framework, []).append(result)
             result["child_s"] = time.perf_counter() - start
             runs.setdefault(framework, []).append(result)
@@ -686,7 +697,7 @@ def detail_lines(details: dict) -> list[str]:
         ok = [r for r in results if "error" not in r]
         if not ok:
             continue
-        rates = statistics.median(r["gemm_gflops"] for r in ok)
+        rates = statistics.median(r["gemm_gflops"] for r in ok if r.get("gemm_gflops"))
         keys = ("version", "threads", "layer", "library", "products")
         extra = {k: v for k, v in ok[0].items() if k.endswith(keys)}
         lines.append(f"{framework} children: median in-process GEMM {rates:.1f} GFLOP/s; {extra}")
@@ -735,6 +746,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.budget is None:
         args.budget = 1.5 if args.quick else 2.0

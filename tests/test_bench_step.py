@@ -77,12 +77,13 @@ class FakeRunner:
         self.frameworks, self.img_s, self.calls = list(img_s), img_s, []
         self.budget = budget
 
-    def run(self, framework, spec, mode, batch, rounds=1):
-        self.calls.append((framework, self.budget / rounds))
+    def run(self, framework, spec, mode, batch, rounds=1, probe=True):
+        self.calls.append((framework, self.budget / rounds, probe))
         value = self.img_s[framework][sum(c[0] == framework for c in self.calls) - 1]
         if value is None:
             return {"error": "child died"}
-        return dict(img_s=value, rss_mb=100.0 + value, iters=5, gemm_gflops=200.0)
+        rate = 200.0 if probe else None
+        return dict(img_s=value, rss_mb=100.0 + value, iters=5, gemm_gflops=rate)
 
 
 def test_batch_one_rows_take_turns_and_report_the_median_process():
@@ -91,11 +92,13 @@ def test_batch_one_rows_take_turns_and_report_the_median_process():
     rounds = step.rounds_for("inference", 1, 3)
     row = step.measure_row(spec, "inference", 1, runner, {}, rounds)
     assert [c[0] for c in runner.calls] == ["minivit", "torch"] * 3  # interleaved in time
-    assert all(budget == pytest.approx(2.0 / 3) for _, budget in runner.calls)
+    assert all(budget == pytest.approx(2.0 / 3) for _, budget, _ in runner.calls)
+    assert [probe for *_, probe in runner.calls] == [True, True] + [False] * 4  # first round only
     assert row["minivit_img_s"] == 47.0  # the middle of 30, 47, 48
     assert row["torch_img_s"] == 45.0  # of the two that ran, the higher middle
     assert row["minivit_rss_mb"] == 148.0  # the peak of all rounds
     assert row["vs_torch"] == pytest.approx(47.0 / 45.0)
+    assert row["gemm_fraction"] > 0  # the median round has no probe: the first round's rate
     assert step.rounds_for("train", 32, 3) == step.rounds_for("inference", 32, 3) == 1
 
 
