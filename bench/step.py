@@ -7,8 +7,9 @@ runs alone in a process of its own, forked from a zygote that has imported its f
 (`_zygote.py`; `--fresh`: a fresh interpreter each), so its peak resident memory (VmHWM, read
 when the timed steps end) is its own. Warm-up steps are not timed (JAX's compile time is
 reported apart); the figure is the median of the timed steps. Batch-1 inference rows run
-`--rounds` processes per framework (default 3), the frameworks taking turns, and report the
-process of median img/s: this guest slows whole processes at a time, never single steps.
+`--rounds` processes per framework (default 2), the frameworks taking turns, and report the
+process of median img/s (of two: the faster): this guest slows whole processes at a time, not
+single steps.
 The header gives the thread settings, the BLAS kernel NumPy uses and the fp32 GEMM rate of a large
 NumPy sgemm; each minivit child measures the rate of the GEMM minivit's ops call (`kernels.matmul`:
 MKL where it is bound, else OpenBLAS in one block per Numba thread), and `% GEMM` is the model's
@@ -16,7 +17,7 @@ arithmetic rate (matmul and conv FLOPs counted from the config, training = 3x fo
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/step.py [--json] [--quick]
         [--models ViT-S/16 Mixer-B/16] [--frameworks minivit torch jax] [--threads N] [--fresh]
-        [--rounds 3]
+        [--rounds 2]
 """
 
 from __future__ import annotations
@@ -731,9 +732,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=2,
         help="processes per framework for each batch-1 inference row, taking turns; the cell is "
-        "the median one (default 3; 1: one process each, as the other rows)",
+        "the median one, of two the faster (default 2; 1: one process each, as the other rows)",
     )
     parser.add_argument(
         "--fresh",
