@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -34,7 +35,7 @@ sys.path.insert(1, str(HERE.parent))
 import _common  # noqa: E402  (next to this file)
 
 GEMM, CONV, OTHER_STEP = (
-    "GEMM (Dense, MatMul, DenseGelu)",
+    "GEMM (Dense, MatMul, DenseGelu, HeadsProjections)",
     "conv (patch embedding, ResNet)",
     "Python overhead",
 )
@@ -42,6 +43,7 @@ OPTIMIZER = "optimizer (SGDMomentum.update)"
 # Op class name -> kind, checked in order by substring so fused ops land with their main cost.
 KINDS = (
     ("Attention", "attention"),
+    ("HeadsProjections", GEMM),
     ("Dense", GEMM),
     ("MatMul", GEMM),
     ("Conv", CONV),
@@ -64,6 +66,23 @@ KINDS = (
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Neg", "Exp", "Log", "Tanh", "Relu", "Sqrt", "Dropout"}
 
 
+PRODUCT_OPS = ("Dense", "DenseGelu", "MatMul", "HeadsProjections")
+
+
+def gemm_shapes(op, arrays) -> tuple[tuple, tuple]:
+    """The operand shapes of a product op's forward GEMM as the op runs it: (R, I) by (I, O) for
+    the Dense family (DenseGeneral kernels flattened; the three projection kernels side by side),
+    the operands' own shapes for MatMul."""
+    x, kernel = arrays[0], arrays[1]
+    name = type(op).__name__
+    if name == "HeadsProjections":  # kernels (D, NH, K) x 3 -> one (D, 3 NH K)
+        return (x.size // x.shape[-1], x.shape[-1]), (kernel.shape[0], 3 * kernel[0].size)
+    if name in ("Dense", "DenseGelu"):
+        inner = int(math.prod(kernel.shape[: op.in_axes]))
+        return (x.size // inner, inner), (inner, kernel.size // inner)
+    return x.shape, kernel.shape
+
+
 def kind_of(name: str) -> str:
     """The op kind of a Function class name (`other (Name)` when no rule matches)."""
     if name in ELEMENTWISE:
@@ -82,10 +101,13 @@ class OpTimer:
 
     def wrap(self, method: Callable, which: str) -> Callable:
         def timed(op, xp, *arrays):
-            if which == "forward" and type(op).__name__ in ("Dense", "DenseGelu", "MatMul"):
+            if which == "forward" and type(op).__name__ in PRODUCT_OPS:
                 recording = op.needs_grad and op._recording  # False under no_grad
-                needs = tuple(op.needs_grad[:2]) if recording else (False, False)
-                self.products[(type(op).__name__, arrays[0].shape, arrays[1].shape, needs)] += 1
+                three = type(op).__name__ == "HeadsProjections"  # three kernels, three biases
+                weights = op.needs_grad[1:4] if three else op.needs_grad[1:2]
+                needs = (op.needs_grad[0], any(weights)) if recording else (False, False)
+                a_shape, b_shape = gemm_shapes(op, arrays)
+                self.products[(type(op).__name__, a_shape, b_shape, needs)] += 1
             self._inner.append(0.0)
             start = time.perf_counter()
             try:
