@@ -113,12 +113,11 @@ class PackedAttention(DotProductAttention):
                 f"qkv of shape {qkv.shape} must be (B, N, 3, NH, K): query, key and value "
                 "stacked on axis 2"
             )
-        self.packed = qkv.shape, qkv.dtype
         return super().forward(xp, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
 
     def backward(self, xp, gy):
-        shape, dtype = self.packed
-        g = xp.empty(shape, dtype)  # (B, N, 3, NH, K)
+        packed = self.inputs[0]
+        g = xp.empty(packed.shape, packed.dtype)  # (B, N, 3, NH, K)
         self.gradients(xp, gy, (True, True, True), out=(g[:, :, 0], g[:, :, 1], g[:, :, 2]))
         return g
 
