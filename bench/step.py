@@ -458,8 +458,8 @@ def run_config(framework: str, request: dict) -> dict:
 
 def child_main(args: argparse.Namespace) -> None:
     """Run one configuration in this fresh process and print its JSON object (`--fresh`)."""
-    request = _request(args.model, args.mode, args.batch, args)
-    print(json.dumps(run_config(args.child, {**request, "probe": not args.no_probe})))
+    request = _request(args.model, args.mode, args.batch, args, args.budget, not args.no_probe)
+    print(json.dumps(run_config(args.child, request)))
 
 
 def zygote_main(args: argparse.Namespace) -> None:
@@ -473,8 +473,12 @@ def zygote_main(args: argparse.Namespace) -> None:
 
 
 # ---- the parent: probes, table, goals ------------------------------------------------------------
-def _request(model: str, mode: str, batch: int, args: argparse.Namespace) -> dict:
-    return dict(model=model, mode=mode, batch=batch, budget=args.budget, threads=args.threads)
+def _request(
+    model: str, mode: str, batch: int, args: argparse.Namespace, budget: float, probe: bool
+) -> dict:
+    return dict(
+        model=model, mode=mode, batch=batch, budget=budget, threads=args.threads, probe=probe
+    )
 
 
 class Runner:
@@ -513,8 +517,8 @@ class Runner:
         out."""
         budget = self.args.budget / rounds
         if not self.args.fresh:
-            request = _request(spec.label, mode, batch, self.args)
-            return self.zygotes[framework].run({**request, "budget": budget, "probe": probe})
+            request = _request(spec.label, mode, batch, self.args, budget, probe)
+            return self.zygotes[framework].run(request)
         return fresh_child(framework, spec, mode, batch, self.args, budget, probe)
 
     def close(self) -> None:
@@ -580,13 +584,15 @@ def measure_row(
 
     row = {"model": spec.label, "mode": mode, "batch": batch}
     runs: dict[str, list[dict]] = {}
-    for turn in range(rounds):
+    for _ in range(rounds):
         for framework in runner.frameworks:
+            done = runs.setdefault(framework, [])
+            probe = not any(r.get("gemm_gflops") for r in done)  # until one round has a rate
             start = time.perf_counter()
-            result = runner.run(framework, spec, mode, batch, rounds, probe=turn == 0)
+            result = runner.run(framework, spec, mode, batch, rounds, probe=probe)
             details.setdefault(framework, []).append(result)
             result["child_s"] = time.perf_counter() - start
-            runs.setdefault(framework, []).append(result)
+            done.append(result)
     for framework in runner.frameworks:
         result = median_result(runs[framework])
         took = sum(r["child_s"] for r in runs[framework])

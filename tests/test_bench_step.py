@@ -106,3 +106,15 @@ def test_a_framework_whose_every_round_failed_leaves_its_cell_empty():
     runner = FakeRunner({"minivit": [20.0, 21.0], "torch": [None, None]})
     row = step.measure_row(step.SPECS[0], "inference", 1, runner, {}, 2)
     assert row["minivit_img_s"] == 21.0 and "torch_img_s" not in row and row["vs_torch"] is None
+
+
+def test_the_gemm_probe_moves_to_the_next_round_when_the_first_one_failed():
+    runner = FakeRunner({"minivit": [None, 40.0], "torch": [30.0, 31.0]})
+    row = step.measure_row(step.SPECS[0], "inference", 1, runner, {}, 2)
+    assert [(c[0], c[2]) for c in runner.calls] == [
+        ("minivit", True),
+        ("torch", True),
+        ("minivit", True),  # its first round left no rate
+        ("torch", False),
+    ]
+    assert row["minivit_img_s"] == 40.0 and row["gemm_fraction"] > 0
