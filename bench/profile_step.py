@@ -40,9 +40,10 @@ GEMM, CONV, OTHER_STEP = (
     "Python overhead",
 )
 OPTIMIZER = "optimizer (SGDMomentum.update)"
+ATTENTION = "attention"
 # Op class name -> kind, checked in order by substring so fused ops land with their main cost.
 KINDS = (
-    ("Attention", "attention"),
+    ("Attention", ATTENTION),
     ("HeadsProjections", GEMM),
     ("Dense", GEMM),
     ("MatMul", GEMM),
@@ -63,7 +64,10 @@ KINDS = (
     ("Mean", "reductions"),
     ("Max", "reductions"),
 )
-ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Neg", "Exp", "Log", "Tanh", "Relu", "Sqrt", "Dropout"}
+ELEMENTWISE = {
+    *("Add", "Sub", "Mul", "Div", "Neg", "Exp", "Log", "Tanh", "Relu", "Sqrt", "Dropout"),
+    "AddRelu",  # the ResNet unit's residual add and ReLU, one op
+}
 
 
 PRODUCT_OPS = ("Dense", "DenseGelu", "MatMul", "HeadsProjections")
@@ -259,9 +263,26 @@ def profile_config(label: str, batch: int, steps: int, mode: str = "train") -> d
         profiled_ms=1e3 * (grads_s + update_s) / steps,
         gemm_flops=gemm_flops,
         gemm_ms=sum(ms[GEMM]),
+        attention_ms=sum(ms.get(ATTENTION, (0.0, 0.0))),
+        conv_ms=sum(ms.get(CONV, (0.0, 0.0))),
         blas_ms=1e3 * blas_s,
         model_flops=step.step_flops(config, mode) * batch,
     )
+
+
+def bounds(result: dict, gemm_rate: float) -> dict:
+    """Fractions of the GEMM rate the profiled step reaches, and would reach with every product
+    at its replayed rate (the rest as profiled), or made of nothing but the replayed products
+    and the attention and convolutions as profiled: how far removing overhead alone could take
+    the step."""
+    gflop = result["model_flops"] / 1e9
+    replayed_ms = result["profiled_ms"] - result["gemm_ms"] + result["blas_ms"]
+    bare_ms = result["blas_ms"] + result["attention_ms"] + result["conv_ms"]
+    return {
+        "of_gemm": gflop / result["profiled_ms"] * 1e3 / gemm_rate,
+        "of_gemm_products_replayed": gflop / replayed_ms * 1e3 / gemm_rate,
+        "of_gemm_products_attention_conv": gflop / bare_ms * 1e3 / gemm_rate,
+    }
 
 
 def report(result: dict, gemm_rate: float) -> list[str]:
@@ -283,6 +304,7 @@ def report(result: dict, gemm_rate: float) -> list[str]:
     gemm_alone = result["gemm_flops"] / result["blas_ms"] / 1e6
     step_rate = result["model_flops"] / result["step_ms"] / 1e6
     img_s = 1e3 * result["batch"] / result["step_ms"]
+    bound = bounds(result, gemm_rate)
     return [
         f"## {result['model']} {result['mode']} step, batch {result['batch']}",
         "",
@@ -294,6 +316,9 @@ def report(result: dict, gemm_rate: float) -> list[str]:
         f"GEMM ops: {result['gemm_flops'] / 1e9:.0f} GFLOP in {result['gemm_ms']:.0f} ms "
         f"({gemm_in_ops:.0f} GFLOP/s); the same products alone through kernels.matmul: "
         f"{result['blas_ms']:.0f} ms ({gemm_alone:.0f} GFLOP/s)",
+        f"of the GEMM rate: profiled {bound['of_gemm']:.0%}; every product at its replayed rate "
+        f"{bound['of_gemm_products_replayed']:.0%}; nothing but the replayed products, attention "
+        f"and convs {bound['of_gemm_products_attention_conv']:.0%}",
         "",
     ]
 
@@ -309,7 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--steps", type=int, default=2, help="profiled steps per configuration")
     parser.add_argument("--threads", type=int, default=_common.default_threads())
-    parser.add_argument("--json", action="store_true", help="one JSON object per op kind")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per op kind, then one with the step's bounds (kind 'bounds')",
+    )
     args = parser.parse_args(argv)
     _common.setup_threads(args.threads)
     importlib.import_module("minivit")  # before NumPy loads OpenBLAS: minivit/__init__.py
@@ -338,14 +367,13 @@ def main(argv: list[str] | None = None) -> None:
         if not args.json:
             print("\n".join(report(result, gemm)), flush=True)
             continue
+        where = {"model": label, "batch": int(batch), "mode": mode}
         for kind, (f, b) in result["kinds"].items():
             share = (f + b) / result["profiled_ms"]
             print(
                 json.dumps(
                     {
-                        "model": label,
-                        "batch": int(batch),
-                        "mode": mode,
+                        **where,
                         "kind": kind,
                         "forward_ms": round(f, 2),
                         "backward_ms": round(b, 2),
@@ -354,6 +382,10 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 flush=True,
             )
+        fractions = {k: round(v, 3) for k, v in bounds(result, gemm).items()}
+        totals = {k: round(result[k], 1) for k in ("step_ms", "profiled_ms", "gemm_ms", "blas_ms")}
+        line = {**where, "kind": "bounds", "gemm_gflops": round(gemm, 1), **totals, **fractions}
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":
