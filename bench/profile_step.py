@@ -95,13 +95,32 @@ def kind_of(name: str) -> str:
 
 
 class OpTimer:
-    """Exclusive wall time per (Function class, pass), and the shapes of every matrix product."""
+    """Exclusive wall time per (Function class, pass), the shapes of every matrix product, and
+    the time and FLOPs of the `kernels.matmul` calls the product ops make (their sgemm calls,
+    without the bias, GELU and gradient-sum work around them)."""
 
     def __init__(self):
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)
         self.calls: Counter = Counter()
         self.products: Counter = Counter()  # (op, a shape, b shape, needs_grad) -> calls
+        self.sgemm_s, self.sgemm_flops = 0.0, 0
         self._inner: list[float] = []
+        self._ops: list[str] = []  # the Function classes whose passes are running, innermost last
+
+    def wrap_matmul(self, matmul: Callable) -> Callable:
+        """`kernels.matmul`, timed when a product op calls it."""
+
+        def timed(a, b, *args, **kwargs):
+            if not self._ops or self._ops[-1] not in PRODUCT_OPS:
+                return matmul(a, b, *args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return matmul(a, b, *args, **kwargs)
+            finally:
+                self.sgemm_s += time.perf_counter() - start
+                self.sgemm_flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+        return timed
 
     def wrap(self, method: Callable, which: str) -> Callable:
         def timed(op, xp, *arrays):
@@ -113,12 +132,14 @@ class OpTimer:
                 a_shape, b_shape = gemm_shapes(op, arrays)
                 self.products[(type(op).__name__, a_shape, b_shape, needs)] += 1
             self._inner.append(0.0)
+            self._ops.append(type(op).__name__)
             start = time.perf_counter()
             try:
                 return method(op, xp, *arrays)
             finally:
                 elapsed = time.perf_counter() - start
                 inner = self._inner.pop()
+                self._ops.pop()
                 self.seconds[(type(op).__name__, which)] += elapsed - inner
                 self.calls[(type(op).__name__, which)] += 1
                 if self._inner:
@@ -141,10 +162,13 @@ def _function_classes() -> list[type]:
 
 @contextmanager
 def timed_functions(timer: OpTimer) -> Iterator[None]:
-    """Every Function subclass's own forward/backward wrapped by `timer`, restored on exit."""
+    """Every Function subclass's own forward/backward, and `kernels.matmul` (which the ops look
+    up on the module at each call), wrapped by `timer`, restored on exit."""
     import minivit.ops  # noqa: F401, PLC0415  (registers every Function subclass)
+    from minivit import kernels  # noqa: PLC0415
 
-    originals = []
+    originals = [(kernels, "matmul", kernels.matmul)]
+    kernels.matmul = timer.wrap_matmul(kernels.matmul)
     for cls in _function_classes():
         for which in ("forward", "backward"):
             if which in cls.__dict__:
@@ -263,6 +287,8 @@ def profile_config(label: str, batch: int, steps: int, mode: str = "train") -> d
         profiled_ms=1e3 * (grads_s + update_s) / steps,
         gemm_flops=gemm_flops,
         gemm_ms=sum(ms[GEMM]),
+        sgemm_ms=1e3 * timer.sgemm_s / steps,
+        sgemm_flops=timer.sgemm_flops / steps,
         attention_ms=sum(ms.get(ATTENTION, (0.0, 0.0))),
         conv_ms=sum(ms.get(CONV, (0.0, 0.0))),
         blas_ms=1e3 * blas_s,
@@ -314,7 +340,10 @@ def report(result: dict, gemm_rate: float) -> list[str]:
         f" = {step_rate / gemm_rate:.0%} of the {gemm_rate:.0f} GFLOP/s GEMM rate);"
         f" profiled {total:.0f} ms",
         f"GEMM ops: {result['gemm_flops'] / 1e9:.0f} GFLOP in {result['gemm_ms']:.0f} ms "
-        f"({gemm_in_ops:.0f} GFLOP/s); the same products alone through kernels.matmul: "
+        f"({gemm_in_ops:.0f} GFLOP/s), of which their sgemm calls {result['sgemm_ms']:.0f} ms "
+        f"({result['sgemm_flops'] / result['sgemm_ms'] / 1e6:.0f} GFLOP/s) and the bias, GELU "
+        f"and gradient-sum work around them {result['gemm_ms'] - result['sgemm_ms']:.0f} ms; "
+        "the same products alone through kernels.matmul: "
         f"{result['blas_ms']:.0f} ms ({gemm_alone:.0f} GFLOP/s)",
         f"of the GEMM rate: profiled {bound['of_gemm']:.0%}; every product at its replayed rate "
         f"{bound['of_gemm_products_replayed']:.0%}; nothing but the replayed products, attention "
@@ -383,7 +412,8 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
         fractions = {k: round(v, 3) for k, v in bounds(result, gemm).items()}
-        totals = {k: round(result[k], 1) for k in ("step_ms", "profiled_ms", "gemm_ms", "blas_ms")}
+        names = ("step_ms", "profiled_ms", "gemm_ms", "sgemm_ms", "blas_ms")
+        totals = {k: round(result[k], 1) for k in names}
         line = {**where, "kind": "bounds", "gemm_gflops": round(gemm, 1), **totals, **fractions}
         print(json.dumps(line), flush=True)
 

@@ -1,7 +1,7 @@
 """Fused hot paths of a step: the matrix products (one sgemm call on strided operands),
 LayerNorm, GroupNorm, StdConv weight standardisation, GELU, attention, softmax cross-entropy, the
-bias add of Dense / Conv layers, the residual relu(a + b) of BiT units, and the window sweeps of
-convolutions and max pooling (im2col, col2im).
+bias add and bias gradient of Dense / Conv layers, the residual relu(a + b) of BiT units, and the
+window sweeps of convolutions and max pooling (im2col, col2im).
 
 Each kernel is one public function over raw arrays (no autograd) with three bodies: `*_ref`
 (plain NumPy, the spec), a Numba CPU body and a Numba CUDA body for CuPy arrays. The array type
@@ -24,7 +24,7 @@ from minivit.kernels.attention import (
     attention_forward,
     attention_forward_ref,
 )
-from minivit.kernels.bias import add_bias, add_bias_ref
+from minivit.kernels.bias import add_bias, add_bias_ref, bias_grad, bias_grad_ref
 from minivit.kernels.gelu import gelu_backward, gelu_backward_ref, gelu_forward, gelu_forward_ref
 from minivit.kernels.gemm import matmul, matmul_ref
 from minivit.kernels.groupnorm import (
@@ -64,6 +64,8 @@ __all__ = [
     "fusable",
     "add_bias",
     "add_bias_ref",
+    "bias_grad",
+    "bias_grad_ref",
     "add_relu_backward",
     "add_relu_backward_ref",
     "add_relu_forward",

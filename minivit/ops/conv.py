@@ -140,7 +140,7 @@ class Conv2D(Function):
             gk = kernels.matmul(self.plan.columns(xp, x).T, gy_rows)  # (kh*kw*I, O)
             grads[1] = gk.reshape(kernel.shape)
         if len(self.needs_grad) == 3:
-            grads.append(gy_rows.sum(axis=0) if self.needs_grad[2] else None)
+            grads.append(kernels.bias_grad(gy_rows) if self.needs_grad[2] else None)
         return tuple(grads)
 
 

@@ -111,7 +111,7 @@ class Dense(Function):
         if self.needs_grad[1]:
             grads[1] = kernels.matmul(x.reshape(-1, kernel.shape[0]).T, g_rows)  # (I, O)
         if len(self.needs_grad) == 3:
-            grads.append(g_rows.sum(axis=0) if self.needs_grad[2] else None)  # (O,)
+            grads.append(kernels.bias_grad(g_rows) if self.needs_grad[2] else None)  # (O,)
         return tuple(grads)
 
 
@@ -191,7 +191,7 @@ class HeadsProjections(Function):
         for i, needed in enumerate(needs[1:4]):
             part = gw[:, i * width : (i + 1) * width] if needed else None
             grads.append(None if part is None else xp.ascontiguousarray(part).reshape(heads))
-        gb = g_rows.sum(axis=0) if any(needs[4:]) else None  # (3 NH K,)
+        gb = kernels.bias_grad(g_rows) if any(needs[4:]) else None  # (3 NH K,)
         for i, needed in enumerate(needs[4:]):
             grads.append(gb[i * width : (i + 1) * width].reshape(heads[1:]) if needed else None)
         return tuple(grads)
