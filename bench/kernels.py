@@ -1,9 +1,10 @@
 """Micro-benchmark of minivit's fused kernels against their NumPy references and PyTorch's ops.
 
 Shapes of ViT-B/16 at batch 8 and ViT-S/16 at batch 32 (224 px: 197 tokens). For each of LayerNorm,
-GELU (tanh form, the official one, fused with the Dense bias), attention and softmax cross-entropy
-it times minivit's CPU body, the `*_ref` NumPy spec (float64 statistics) and torch's op
-(`layer_norm`, `gelu`, `scaled_dot_product_attention`, `cross_entropy`), forward and
+GELU (tanh form, the official one, fused with the Dense bias), the bias add of a Dense output and
+its gradient (the column sum), attention and softmax cross-entropy it times minivit's CPU body,
+the `*_ref` NumPy spec (float64 statistics) and torch's op (`layer_norm`, `gelu`, `y + b`,
+`scaled_dot_product_attention`, `cross_entropy`), forward and
 forward+backward, all with the same thread count; torch's ops in a child process of their own (each
 framework brings its own OpenMP runtime, and two spinning pools would share the cores). It then
 measures the peak extra memory of attention forward+backward at 577 tokens (ViT-B/16 at 384 px),
@@ -58,6 +59,11 @@ def _cases(np, batch, tokens, width, heads):
     def gelu(fwd, bwd):
         return lambda: fwd(h, hb), lambda: (fwd(h, hb), bwd(h, h, hb))
 
+    y = normal(rows, 4 * width)  # a Dense output the bias is added to in place
+
+    def bias_pass(add, grad):
+        return lambda: add(y, hb), lambda: (add(y, hb), grad(h))  # h: the output's gradient
+
     def attn(fwd, bwd):
         return lambda: fwd(q, k, v), lambda: bwd(q, q, k, v, *fwd(q, k, v))
 
@@ -78,6 +84,12 @@ def _cases(np, batch, tokens, width, heads):
             gelu(kernels.gelu_forward, kernels.gelu_backward),
             gelu(kernels.gelu_forward_ref, kernels.gelu_backward_ref),
             dict(h=h + hb),
+        ),
+        "bias add+grad": (
+            f"({rows}, {4 * width})",
+            bias_pass(kernels.add_bias, kernels.bias_grad),
+            bias_pass(kernels.add_bias_ref, kernels.bias_grad_ref),
+            dict(y=y, b=hb),
         ),
         "attention": (
             str((batch, heads, tokens, head)),
@@ -106,6 +118,7 @@ def _torch_pair(torch, kernel, arrays):
         "gelu_tanh+bias": lambda a: functional.gelu(
             a["h"], approximate="tanh"
         ),  # bias is free in addmm
+        "bias add+grad": lambda a: a["y"] + a["b"],
         "attention": lambda a: functional.scaled_dot_product_attention(a["q"], a["k"], a["v"]),
         "softmax_xent": lambda a: functional.cross_entropy(a["logits"], a["labels"]),
     }
@@ -297,7 +310,7 @@ def _goals(rows, memory) -> str:
     lines = [
         f"goal >= 2x vs NumPy ref: {'met' if not slow else 'NOT met'} "
         f"({len(rows) - len(slow)}/{len(rows)} cells)",
-        f"goal minivit/torch <= 1.0 (LayerNorm, GELU, attention): {torch_goal}",
+        f"goal minivit/torch <= 1.0 (LayerNorm, GELU, bias, attention): {torch_goal}",
     ]
     lines += [
         f"  behind torch: {r['model']} {r['kernel']} {r['pass']} {r['vs_torch']:.2f}x"
