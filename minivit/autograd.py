@@ -45,10 +45,11 @@ class Tensor:
     __array_priority__ = 100  # numpy_array + tensor defers to Tensor.__radd__
 
     def __init__(self, data, requires_grad: bool = False, name: str | None = None):
-        if isinstance(data, Tensor):
-            data = data.data
-        if not hasattr(data, "shape") or not hasattr(data, "dtype"):
-            data = np.asarray(data, dtype=backend.DTYPE)
+        if type(data) is not np.ndarray:  # the usual case skips the checks below
+            if isinstance(data, Tensor):
+                data = data.data
+            if not hasattr(data, "shape") or not hasattr(data, "dtype"):
+                data = np.asarray(data, dtype=backend.DTYPE)
         self.data = data
         self.grad = None
         self.requires_grad = requires_grad
@@ -214,11 +215,12 @@ class Function:
     saved: tuple = ()
 
     def __call__(self, *inputs) -> Tensor:
-        if all(isinstance(x, Tensor) for x in inputs):  # the usual case: nothing to wrap
-            tensors = inputs
-        else:
-            like = next((x for x in inputs if isinstance(x, Tensor)), None)
-            tensors = [as_tensor(x, like) for x in inputs]
+        tensors = inputs  # the usual case: every input a Tensor, nothing to wrap
+        for x in inputs:  # a loop, not all(...) over a generator: this runs for every op
+            if not isinstance(x, Tensor):
+                like = next((x for x in inputs if isinstance(x, Tensor)), None)
+                tensors = [as_tensor(x, like) for x in inputs]
+                break
         self.needs_grad = needs = tuple([t.requires_grad for t in tensors])
         self._recording = any(needs) and is_grad_enabled()
         xp = backend.xp_of(tensors[0].data)

@@ -121,9 +121,12 @@ def cupy_module():
     return cupy
 
 
+_HOST = (np.ndarray, np.generic)
+
+
 def xp_of(array) -> object:
     """Return the array module (numpy or cupy) that owns `array`."""
-    if isinstance(array, np.ndarray | np.generic) or not hasattr(array, "__cuda_array_interface__"):
+    if isinstance(array, _HOST) or not hasattr(array, "__cuda_array_interface__"):
         return np
     cp = cupy_module()
     return cp if cp is not None and isinstance(array, cp.ndarray) else np

@@ -7,6 +7,8 @@ one GEMM on the rows of the left operand, forward and backward, so BLAS sees lar
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from minivit import kernels
@@ -88,7 +90,7 @@ class Dense(Function):
         x, kernel, *bias = as_dtype((x, kernel, *bias), float_dtype(x.dtype, kernel.dtype))
         n, outer = self.in_axes, kernel.shape[self.in_axes :]
         if kernel.ndim != 2:  # (*I, *O) as (I, O): a view of the contiguous parameter
-            kernel = kernel.reshape(-1, int(np.prod(outer)))
+            kernel = kernel.reshape(-1, math.prod(outer))
         self.save(x, kernel)
         y = kernels.matmul(x.reshape(-1, kernel.shape[0]), kernel)  # (R, O)
         if bias:
