@@ -10,6 +10,9 @@ reported apart); the figure is the median of the timed steps. Batch-1 inference 
 `--rounds` processes per framework (default 2), the frameworks taking turns, and report the
 process of median img/s (of two: the faster): this guest slows whole processes at a time, not
 single steps.
+`--device cuda` runs the same table on the first GPU: minivit on CuPy, timm on torch CUDA, JAX on
+its GPU backend, fp32 without TF32, each step waited for, the MB columns the GPU memory each
+framework's allocator held, the GEMM probes 8192^3 products on the GPU.
 The header gives the thread settings, the BLAS kernel NumPy uses and the fp32 GEMM rate of a large
 NumPy sgemm; each minivit child measures the rate of the GEMM minivit's ops call (`kernels.matmul`:
 MKL where it is bound, else OpenBLAS in one block per Numba thread), and `% GEMM` is the model's
@@ -17,7 +20,7 @@ arithmetic rate (matmul and conv FLOPs counted from the config, training = 3x fo
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/step.py [--json] [--quick]
         [--models ViT-S/16 Mixer-B/16] [--frameworks minivit torch jax] [--threads N] [--fresh]
-        [--rounds 2]
+        [--rounds 2] [--device cuda]
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ QUICK = {"ViT-Ti/16": CONFIGS, "ViT-S/16": (("inference", 32), ("train", 32))}
 FRAMEWORKS = ("minivit", "torch", "jax")
 IMAGE_SIZE, CLASSES, LR = 224, 1000, 1e-3
 GEMM_SIZE = 2048
+GPU_GEMM_SIZE = 8192  # the GPU probe: 1.1 TFLOP a product, milliseconds on a data-centre GPU
+DEVICES = ("cpu", "cuda")
 CHILD_TIMEOUT_S = 420
 LONG_STEP = 1.0  # a warm-up step longer than the budget is timed once (`time_steps`)
 JSON_KEYS = (
@@ -210,6 +215,14 @@ def square_gemm_rate(matmul: Callable | None = None, n: int = GEMM_SIZE) -> floa
     return gemm_rate(lambda: product(a, b), n)
 
 
+def device_gemm_rate(xp, matmul: Callable, sync: Callable[[], object]) -> float:
+    """fp32 rate of a GPU_GEMM_SIZE^3 product of `xp` (CuPy) arrays through `matmul`, each run
+    waited for with `sync()`, GFLOP/s."""
+    n = GPU_GEMM_SIZE
+    a, b = (xp.random.standard_normal((n, n), dtype=xp.float32) for _ in range(2))
+    return gemm_rate(lambda: (matmul(a, b), sync()), n)
+
+
 def batch_data(batch: int):
     """Fixed random NHWC images in [-1, 1] and integer labels. Shapes: (B, S, S, 3), (B,)."""
     import numpy as np  # noqa: PLC0415
@@ -227,8 +240,11 @@ def _timing_plan(mode: str, batch: int, budget_s: float) -> dict:
 
 
 # ---- the three frameworks (each runs in its own child process) -----------------------------------
-def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float, phases: Phases) -> dict:
-    """minivit: Model.forward under no_grad, or loss_and_grads + SGDMomentum.update."""
+def run_minivit(
+    spec: Spec, mode: str, batch: int, budget_s: float, phases: Phases, device: str = "cpu"
+) -> dict:
+    """minivit: Model.forward under no_grad, or loss_and_grads + SGDMomentum.update; on
+    `device` "cuda" the model, images and labels on the first GPU (CuPy), each step waited for."""
     importlib.import_module("minivit")  # before NumPy loads OpenBLAS: minivit/__init__.py
     import numba  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -241,11 +257,19 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float, phases: Phas
 
     model = create_model(spec.name, num_classes=CLASSES, image_size=IMAGE_SIZE)
     images, labels = batch_data(batch)
+    sync: Callable[[], object] = lambda: None  # noqa: E731
+    if device == "cuda":
+        model.to("cuda:0")  # a one-sentence error where CuPy or the GPU is missing
+        cp = model.device.xp
+        images, labels = model.device.put(images), model.device.put(labels)
+        sync = cp.cuda.Device().synchronize
     if mode == "inference":
 
         def step():
             with no_grad():
-                return model.forward(images).data
+                out = model.forward(images).data
+            sync()
+            return out
 
     else:
         params, rng = model.params, np.random.default_rng(0)
@@ -254,9 +278,15 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float, phases: Phas
         def step():
             _, grads = model.loss_and_grads(images, labels, train=True, rng=rng)
             optimizer.update(params, grads, LR)
+            sync()
 
     seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s), phases=phases)
-    rss_mb = _common.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
+    if device == "cuda":  # the bytes CuPy's pool holds: it keeps what it once allocated
+        rss_mb = cp.get_default_memory_pool().total_bytes() / 2**20
+        probe = lambda: device_gemm_rate(cp, kernels.matmul, sync)  # noqa: E731
+    else:
+        rss_mb = _common.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
+        probe = lambda: square_gemm_rate(kernels.matmul)  # noqa: E731  (the GEMM ops call)
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel ran yet
@@ -265,7 +295,7 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float, phases: Phas
         step_s=seconds,
         iters=iters,
         rss_mb=rss_mb,
-        gemm_probe=lambda: square_gemm_rate(kernels.matmul),  # the GEMM minivit's ops call
+        gemm_probe=probe,
         blas_library=_blas.LIBRARY,
         products=_blas.products_description(),
         numba_layer=layer,
@@ -275,9 +305,17 @@ def run_minivit(spec: Spec, mode: str, batch: int, budget_s: float, phases: Phas
 
 
 def run_torch(
-    spec: Spec, mode: str, batch: int, budget_s: float, threads: int, phases: Phases
+    spec: Spec,
+    mode: str,
+    batch: int,
+    budget_s: float,
+    threads: int,
+    phases: Phases,
+    device: str = "cpu",
 ) -> dict:
-    """timm model in eager PyTorch fp32: inference_mode forward, or CE + backward + SGD step."""
+    """timm model in eager PyTorch fp32: inference_mode forward, or CE + backward + SGD step;
+    on `device` "cuda" on the first GPU with TF32 off (fp32 products and convolutions), each
+    step waited for."""
     torch = _common.load_torch(threads)
     import timm  # noqa: PLC0415
 
@@ -285,12 +323,21 @@ def run_torch(
     images, labels = batch_data(batch)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
     y = torch.from_numpy(labels).long()
+    sync: Callable[[], object] = lambda: None  # noqa: E731
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA GPU; install a CUDA build of torch")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        model, x, y, sync = model.cuda(), x.cuda(), y.cuda(), torch.cuda.synchronize
     if mode == "inference":
         model.eval()
 
         def step():
             with torch.inference_mode():
-                return model(x)
+                out = model(x)
+            sync()
+            return out
 
     else:
         model.train()
@@ -300,15 +347,22 @@ def run_torch(
             optimizer.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
+            sync()
 
     seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s), phases=phases)
-    rss_mb = _common.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
-    a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
+    if device == "cuda":  # what the caching allocator held at most, as CuPy's pool above
+        rss_mb = torch.cuda.max_memory_reserved() / 2**20
+        a, b = (torch.randn(GPU_GEMM_SIZE, GPU_GEMM_SIZE, device="cuda") for _ in range(2))
+        probe = lambda: gemm_rate(lambda: (a @ b, sync()), GPU_GEMM_SIZE)  # noqa: E731
+    else:
+        rss_mb = _common.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
+        a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
+        probe = lambda: gemm_rate(lambda: a @ b)  # noqa: E731
     return dict(
         step_s=seconds,
         iters=iters,
         rss_mb=rss_mb,
-        gemm_probe=lambda: gemm_rate(lambda: a @ b),
+        gemm_probe=probe,
         torch_threads=torch.get_num_threads(),
         torch_version=torch.__version__,
         timm_version=timm.__version__,
@@ -389,11 +443,21 @@ def _jax_step(jax, model, mode: str, params, x, y):
     return compiled, args, time.perf_counter() - start
 
 
-def run_jax(spec: Spec, mode: str, batch: int, budget_s: float, phases: Phases) -> dict:
-    """JAX/Flax: the same step under jax.jit; ahead-of-time compile timed apart."""
+def run_jax(
+    spec: Spec, mode: str, batch: int, budget_s: float, phases: Phases, device: str = "cpu"
+) -> dict:
+    """JAX/Flax: the same step under jax.jit; ahead-of-time compile timed apart. On `device`
+    "cuda" JAX's default device must be a GPU; fp32 products at full precision (no TF32)."""
     import jax  # noqa: PLC0415
 
     from minivit.models.registry import resolve  # noqa: PLC0415
+
+    if device == "cuda":
+        if jax.default_backend() != "gpu":
+            raise RuntimeError(
+                f"JAX runs on {jax.default_backend()}, not a GPU; install jax[cuda13] (or cuda12)"
+            )
+        jax.config.update("jax_default_matmul_precision", "highest")
 
     model = flax_model(resolve(spec.name)[0])
     images, labels = batch_data(batch)
@@ -409,8 +473,13 @@ def run_jax(spec: Spec, mode: str, batch: int, budget_s: float, phases: Phases) 
         jax.block_until_ready(out)
 
     seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s), phases=phases)
-    rss_mb = _common.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
-    a = jax.numpy.ones((GEMM_SIZE, GEMM_SIZE), jax.numpy.float32)
+    size = GEMM_SIZE
+    if device == "cuda":  # XLA's own peak (the child runs with preallocation off)
+        rss_mb = jax.local_devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
+        size = GPU_GEMM_SIZE
+    else:
+        rss_mb = _common.peak_rss_mb()  # before the GEMM probe's three 2048^2 arrays
+    a = jax.numpy.ones((size, size), jax.numpy.float32)
     matmul = jax.jit(lambda u: u @ u)
     return dict(
         step_s=seconds,
@@ -418,7 +487,7 @@ def run_jax(spec: Spec, mode: str, batch: int, budget_s: float, phases: Phases) 
         rss_mb=rss_mb,
         compile_s=compile_s,
         jax_version=jax.__version__,
-        gemm_probe=lambda: gemm_rate(lambda: matmul(a).block_until_ready()),
+        gemm_probe=lambda: gemm_rate(lambda: matmul(a).block_until_ready(), size),
     )
 
 
@@ -438,17 +507,19 @@ def preload(framework: str, threads: int) -> None:
 
 
 def run_config(framework: str, request: dict) -> dict:
-    """One configuration (`request`: model, mode, batch, budget, threads, and `probe`: False to
-    skip the GEMM probe, default True): img/s, peak RSS, the framework's GEMM rate or None."""
+    """One configuration (`request`: model, mode, batch, budget, threads, `probe`: False to skip
+    the GEMM probe, default True, and `device`, default "cpu"): img/s, peak memory (resident, or
+    on "cuda" the GPU memory the framework's allocator held), the framework's GEMM rate or
+    None."""
     spec = next(s for s in SPECS if s.label == request["model"])
     mode, batch, budget = request["mode"], request["batch"], request["budget"]
-    phases = Phases()
+    device, phases = request.get("device", "cpu"), Phases()
     if framework == "minivit":
-        result = run_minivit(spec, mode, batch, budget, phases)
+        result = run_minivit(spec, mode, batch, budget, phases, device)
     elif framework == "torch":
-        result = run_torch(spec, mode, batch, budget, request["threads"], phases)
+        result = run_torch(spec, mode, batch, budget, request["threads"], phases, device)
     else:
-        result = run_jax(spec, mode, batch, budget, phases)
+        result = run_jax(spec, mode, batch, budget, phases, device)
     probe = result.pop("gemm_probe")  # after the timed steps and the RSS reading
     result["gemm_gflops"] = probe() if request.get("probe", True) else None
     phases.mark("GEMM probe")
@@ -456,8 +527,19 @@ def run_config(framework: str, request: dict) -> dict:
     return result
 
 
+def pin_jax_platform(device: str) -> None:
+    """Before JAX loads: the CPU table keeps JAX on the CPU even where a GPU plugin is installed
+    (it would take the GPU by default), and the GPU table stops XLA from taking 75% of the GPU's
+    memory up front, so its peak is what the step used."""
+    if device == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    else:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
 def child_main(args: argparse.Namespace) -> None:
     """Run one configuration in this fresh process and print its JSON object (`--fresh`)."""
+    pin_jax_platform(args.device)
     request = _request(args.model, args.mode, args.batch, args, args.budget, not args.no_probe)
     print(json.dumps(run_config(args.child, request)))
 
@@ -465,6 +547,7 @@ def child_main(args: argparse.Namespace) -> None:
 def zygote_main(args: argparse.Namespace) -> None:
     """Import `args.zygote`'s modules once, then fork one child per configuration asked for."""
     framework = args.zygote
+    pin_jax_platform("cpu")  # zygotes serve the CPU table only (`--device cuda` runs fresh)
     _zygote.serve(
         lambda: preload(framework, args.threads),
         lambda request: run_config(framework, request),
@@ -477,7 +560,13 @@ def _request(
     model: str, mode: str, batch: int, args: argparse.Namespace, budget: float, probe: bool
 ) -> dict:
     return dict(
-        model=model, mode=mode, batch=batch, budget=budget, threads=args.threads, probe=probe
+        model=model,
+        mode=mode,
+        batch=batch,
+        budget=budget,
+        threads=args.threads,
+        probe=probe,
+        device=args.device,
     )
 
 
@@ -497,12 +586,30 @@ class Runner:
                 needs = ", ".join(self.NEEDS[name])
                 log(f"{name}: not usable, column left empty ({needs}): {error}")
 
+    GPU_CHECKS = {  # with --device cuda: does the framework see the GPU (in a fresh process)
+        "minivit": "from minivit import backend; "
+        "backend.Device.parse('cuda').xp.cuda.runtime.getDeviceCount()",
+        "torch": "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'",
+        "jax": "import jax; assert jax.default_backend() == 'gpu', "
+        "'JAX runs on ' + jax.default_backend()",
+    }
+
     def _start(self, name: str) -> str | None:
-        """Start `name`'s zygote (or, with --fresh, check that it imports); an error or None."""
+        """Start `name`'s zygote (or, with --fresh, check that it imports, and with --device
+        cuda that it sees the GPU, so a missing GPU stack costs one check, not every row); an
+        error or None."""
         if self.args.fresh:
             probe = "import " + ", ".join(self.NEEDS[name]) if self.NEEDS[name] else "pass"
-            done = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False)
-            return None if done.returncode == 0 else "does not import"
+            if self.args.device == "cuda":
+                probe += "; " + self.GPU_CHECKS[name]
+            env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+            done = subprocess.run(
+                [sys.executable, "-c", probe], capture_output=True, text=True, check=False, env=env
+            )
+            if done.returncode == 0:
+                return None
+            last = done.stderr.strip().splitlines()[-1:] or ["?"]
+            return f"does not import or see the GPU: {last[0]}"
         command = [sys.executable, str(Path(__file__).resolve()), "--zygote", name]
         zygote = _zygote.Zygote([*command, "--threads", str(self.args.threads)])
         if zygote.error is None:
@@ -533,6 +640,7 @@ def fresh_child(
     command = [sys.executable, str(Path(__file__).resolve()), "--child", framework]
     command += ["--model", spec.label, "--mode", mode, "--batch", str(batch)]
     command += ["--budget", str(budget), "--threads", str(args.threads)]
+    command += ["--device", args.device]
     command += [] if probe else ["--no-probe"]
     try:
         done = subprocess.run(
@@ -688,6 +796,11 @@ def header(args: argparse.Namespace) -> list[str]:
         f"fp32 GEMM rate (NumPy, {GEMM_SIZE}^3, fastest of 7): {rate:.1f} GFLOP/s",
         f"load average at start: {os.getloadavg()[0]:.2f} (1 min)",
     ]
+    if args.device == "cuda":
+        lines.append(
+            f"device: cuda, {gpu_name()}; MB columns: GPU memory held (CuPy's pool, "
+            "torch's reserved peak, XLA's peak in use); fp32 products without TF32"
+        )
     if "OPENBLAS_CORETYPE" in os.environ:
         forced = os.environ["OPENBLAS_CORETYPE"]
         lines.append(
@@ -695,6 +808,18 @@ def header(args: argparse.Namespace) -> list[str]:
             "`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`"
         )
     return lines
+
+
+def gpu_name() -> str:
+    """The first GPU as nvidia-smi names it, read without starting CUDA in this process (the
+    children start their own contexts)."""
+    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    try:
+        done = subprocess.run(query, capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "no nvidia-smi"
+    lines = done.stdout.strip().splitlines()
+    return lines[0] if done.returncode == 0 and lines else "no GPU that nvidia-smi lists"
 
 
 def detail_lines(details: dict) -> list[str]:
@@ -748,6 +873,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run each configuration in a fresh interpreter instead of a fork of an interpreter "
         "that has imported its framework (slower by the imports: ~6 s per timm configuration)",
     )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="cuda: every framework on the first GPU (minivit on CuPy, timm on torch CUDA, JAX "
+        "on its GPU backend), fp32 without TF32, each step waited for; the MB columns are then "
+        "the GPU memory each framework's allocator held, and each configuration runs in a fresh "
+        "interpreter (a CUDA context does not survive a fork)",
+    )
     parser.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--zygote", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -757,6 +891,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.budget is None:
         args.budget = 1.5 if args.quick else 2.0
+    if args.device == "cuda":
+        args.fresh = True
     return args
 
 
@@ -796,7 +932,12 @@ def main(argv: list[str] | None = None) -> None:
     text("")
     text(_common.format_table(rows, COLUMNS))
     text("")
-    for line in detail_lines(details) + goal_lines(rows):
+    goals = (
+        goal_lines(rows)
+        if args.device == "cpu"
+        else ["the issue's goals are for the CPU table; this GPU table is reported as measured"]
+    )
+    for line in detail_lines(details) + goals:
         text(line)
     text(f"load average at end: {os.getloadavg()[0]:.2f}")
     for line in time_lines(details, time.perf_counter() - started):

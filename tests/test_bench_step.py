@@ -118,3 +118,78 @@ def test_the_gemm_probe_moves_to_the_next_round_when_the_first_one_failed():
         ("torch", False),
     ]
     assert row["minivit_img_s"] == 40.0 and row["gemm_fraction"] > 0
+
+
+# ---- --device cuda: the plumbing, checked without a GPU ------------------------------------------
+def test_device_cuda_runs_every_configuration_in_a_fresh_interpreter():
+    assert not step.parse_args([]).fresh and step.parse_args([]).device == "cpu"
+    args = step.parse_args(["--device", "cuda"])
+    assert args.fresh and args.device == "cuda"
+
+
+def test_the_device_reaches_the_child(monkeypatch):
+    args = step.parse_args(["--device", "cuda"])
+    assert step._request("ViT-Ti/16", "train", 32, args, 2.0, True)["device"] == "cuda"
+    seen = {}
+
+    def fake_run(command, **kwargs):
+        seen["command"] = command
+        raise step.subprocess.TimeoutExpired(command, 1)
+
+    monkeypatch.setattr(step.subprocess, "run", fake_run)
+    result = step.fresh_child("minivit", step.SPECS[0], "train", 32, args, 2.0, True)
+    assert "error" in result
+    at = seen["command"].index("--device")
+    assert seen["command"][at + 1] == "cuda"
+    child = step.parse_args(seen["command"][2:])  # what the child parses
+    assert (child.child, child.device, child.batch) == ("minivit", "cuda", 32)
+
+
+def test_run_config_hands_the_device_to_the_framework(monkeypatch):
+    seen = []
+
+    def fake_minivit(spec, mode, batch, budget, phases, device):
+        seen.append(device)
+        return dict(step_s=0.5, iters=2, rss_mb=1.0, gemm_probe=lambda: 100.0)
+
+    monkeypatch.setattr(step, "run_minivit", fake_minivit)
+    request = dict(model="ViT-Ti/16", mode="train", batch=32, budget=1.0, threads=2)
+    result = step.run_config("minivit", {**request, "device": "cuda"})
+    assert seen == ["cuda"] and result["img_s"] == 64 and result["gemm_gflops"] == 100.0
+    step.run_config("minivit", request)  # an older request without the key: the CPU
+    assert seen == ["cuda", "cpu"]
+
+
+def test_jax_stays_on_the_cpu_for_the_cpu_table(monkeypatch):
+    for name in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        monkeypatch.delenv(name, raising=False)
+    step.pin_jax_platform("cuda")
+    assert "JAX_PLATFORMS" not in step.os.environ
+    assert step.os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    step.pin_jax_platform("cpu")
+    assert step.os.environ["JAX_PLATFORMS"] == "cpu"
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    step.pin_jax_platform("cpu")  # a user's own choice is kept
+    assert step.os.environ["JAX_PLATFORMS"] == "cuda"
+
+
+def test_minivit_on_cuda_without_cupy_fails_in_one_sentence():
+    if step.importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here")
+    with pytest.raises(RuntimeError, match="needs CuPy; install it with"):
+        step.run_minivit(step.SPECS[0], "inference", 1, 0.01, step.Phases(), device="cuda")
+
+
+def test_gpu_name_without_nvidia_smi(monkeypatch):
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(step.subprocess, "run", missing)
+    assert step.gpu_name() == "no nvidia-smi"
+
+
+def test_a_framework_that_sees_no_gpu_is_dropped_before_any_row():
+    if step.importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here")
+    runner = step.Runner(["minivit"], step.parse_args(["--device", "cuda"]))
+    assert runner.frameworks == []  # one check in a fresh process, not a failure per row
