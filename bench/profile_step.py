@@ -64,9 +64,19 @@ KINDS = (
     ("Mean", "reductions"),
     ("Max", "reductions"),
 )
-ELEMENTWISE = {
-    *("Add", "Sub", "Mul", "Div", "Neg", "Exp", "Log", "Tanh", "Relu", "Sqrt", "Dropout"),
-    "AddRelu",  # the ResNet unit's residual add and ReLU, one op
+ELEMENTWISE = {  # AddRelu: the ResNet unit's residual add and ReLU, one op
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Neg",
+    "Exp",
+    "Log",
+    "Tanh",
+    "Relu",
+    "Sqrt",
+    "Dropout",
+    "AddRelu",
 }
 
 

@@ -223,6 +223,26 @@ def device_gemm_rate(xp, matmul: Callable, sync: Callable[[], object]) -> float:
     return gemm_rate(lambda: (matmul(a, b), sync()), n)
 
 
+def ensure_gpu(framework: str) -> None:
+    """Raise a one-sentence RuntimeError unless `framework` sees a GPU (importing it to ask)."""
+    if framework == "minivit":
+        from minivit import backend  # noqa: PLC0415
+
+        backend.Device.parse("cuda").xp.cuda.runtime.getDeviceCount()  # names what is missing
+    elif framework == "torch":
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA GPU; install a CUDA build of torch")
+    else:
+        import jax  # noqa: PLC0415
+
+        if jax.default_backend() != "gpu":
+            raise RuntimeError(
+                f"JAX runs on {jax.default_backend()}, not a GPU; install jax[cuda13] (or cuda12)"
+            )
+
+
 def batch_data(batch: int):
     """Fixed random NHWC images in [-1, 1] and integer labels. Shapes: (B, S, S, 3), (B,)."""
     import numpy as np  # noqa: PLC0415
@@ -325,8 +345,7 @@ def run_torch(
     y = torch.from_numpy(labels).long()
     sync: Callable[[], object] = lambda: None  # noqa: E731
     if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("torch sees no CUDA GPU; install a CUDA build of torch")
+        ensure_gpu("torch")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         model, x, y, sync = model.cuda(), x.cuda(), y.cuda(), torch.cuda.synchronize
@@ -453,10 +472,7 @@ def run_jax(
     from minivit.models.registry import resolve  # noqa: PLC0415
 
     if device == "cuda":
-        if jax.default_backend() != "gpu":
-            raise RuntimeError(
-                f"JAX runs on {jax.default_backend()}, not a GPU; install jax[cuda13] (or cuda12)"
-            )
+        ensure_gpu("jax")
         jax.config.update("jax_default_matmul_precision", "highest")
 
     model = flax_model(resolve(spec.name)[0])
@@ -586,30 +602,26 @@ class Runner:
                 needs = ", ".join(self.NEEDS[name])
                 log(f"{name}: not usable, column left empty ({needs}): {error}")
 
-    GPU_CHECKS = {  # with --device cuda: does the framework see the GPU (in a fresh process)
-        "minivit": "from minivit import backend; "
-        "backend.Device.parse('cuda').xp.cuda.runtime.getDeviceCount()",
-        "torch": "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA GPU'",
-        "jax": "import jax; assert jax.default_backend() == 'gpu', "
-        "'JAX runs on ' + jax.default_backend()",
-    }
-
     def _start(self, name: str) -> str | None:
         """Start `name`'s zygote (or, with --fresh, check that it imports, and with --device
         cuda that it sees the GPU, so a missing GPU stack costs one check, not every row); an
         error or None."""
         if self.args.fresh:
             probe = "import " + ", ".join(self.NEEDS[name]) if self.NEEDS[name] else "pass"
-            if self.args.device == "cuda":
-                probe += "; " + self.GPU_CHECKS[name]
-            env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+            failure = "does not import"
+            if self.args.device == "cuda":  # the children's own check, as they set up JAX
+                setup = f"import sys; sys.path.insert(0, {str(HERE)!r}); import step"
+                probe = (
+                    f"{setup}; step.pin_jax_platform('cuda'); {probe}; step.ensure_gpu({name!r})"
+                )
+                failure = "does not import or see the GPU"
             done = subprocess.run(
-                [sys.executable, "-c", probe], capture_output=True, text=True, check=False, env=env
+                [sys.executable, "-c", probe], capture_output=True, text=True, check=False
             )
             if done.returncode == 0:
                 return None
             last = done.stderr.strip().splitlines()[-1:] or ["?"]
-            return f"does not import or see the GPU: {last[0]}"
+            return f"{failure}: {last[0]}"
         command = [sys.executable, str(Path(__file__).resolve()), "--zygote", name]
         zygote = _zygote.Zygote([*command, "--threads", str(self.args.threads)])
         if zygote.error is None:

@@ -232,12 +232,6 @@ class Module:
         for _, param in self.named_parameters():
             param.grad = None
 
-    def _all_modules(self) -> Iterator[Module]:
-        yield self
-        for child in self._children.values():
-            if isinstance(child, Module):
-                yield from child._all_modules()
-
     # ---- used by layers ----------------------------------------------------------------------
     def dropout(self, x: Tensor, rate: float) -> Tensor:
         """Dropout with `rate` in training mode, the identity in evaluation mode."""
