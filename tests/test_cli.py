@@ -152,3 +152,14 @@ def test_ctrl_c_prints_one_line_and_resume_finishes(tmp_path, monkeypatch, capsy
     monkeypatch.undo()
     assert cli.main(["finetune", "--workdir", workdir, "--resume"]) == 0  # flags from config.json
     assert "Done: 12 steps" in capsys.readouterr().out
+
+
+def test_bench_hands_every_option_to_bench_step():
+    """`minivit bench --help` is bench/step.py's help, and its options reach it unparsed."""
+    shown = run_cli("bench", "--help")
+    assert shown.returncode == 0, shown.stderr
+    for option in ("--models", "--frameworks", "--quick", "--json", "--device"):
+        assert option in shown.stdout, option
+    refused = run_cli("bench", "--frameworks", "caffe")
+    assert refused.returncode == 2
+    assert "invalid choice: 'caffe'" in refused.stderr
