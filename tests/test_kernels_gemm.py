@@ -105,12 +105,46 @@ def test_split_body_matches_float64_on_every_layout(m, k, n, parts, trans_a, tra
     rng = np.random.default_rng(m + k + n + parts)
     (ta, tb), ab, bb, want = _split_case(rng, m, k, n, trans_a, trans_b)
     c = np.full((m, n), np.nan, np.float32)
-    gemm._sgemm_split(ta, tb, ab, bb, np.float32(0), c, parts, by_rows)
+    gemm._sgemm_split(ta, tb, ab, bb, np.float32(0), c, parts, by_rows, gemm._NO_BIAS)
     _close(c, want)
     start = rng.standard_normal((m, n), dtype=np.float32)
     c = start.copy()
-    gemm._sgemm_split(ta, tb, ab, bb, np.float32(1), c, parts, by_rows)  # accumulate
-    _close(c, start + want)
+    gemm._sgemm_split(ta, tb, ab, bb, np.float32(1), c, parts, by_rows, gemm._NO_BIAS)
+    _close(c, start + want)  # accumulated
+    bias = rng.standard_normal(n, dtype=np.float32)
+    c = np.full((m, n), np.nan, np.float32)  # every entry written: each block takes its bias
+    gemm._sgemm_split(ta, tb, ab, bb, np.float32(0), c, parts, by_rows, bias)
+    _close(c, want + bias)
+
+
+@pytest.mark.parametrize("m, k, n", [(197, 384, 1152), (6304 // 8, 64, 96), (3, 5, 7), (1, 4, 40)])
+@pytest.mark.parametrize("body", [None, "cpu", "ref"])
+def test_bias_is_added_to_every_row(m, k, n, body):
+    """kernels.matmul(..., bias=) against the float64 product plus the bias, on each body: the
+    threaded split (both cuts), the one-call body and NumPy's, into out and fresh arrays."""
+    rng = np.random.default_rng(m + n)
+    a, b = _operands(rng, m, k, n)
+    bias = rng.standard_normal(n, dtype=np.float32)
+    want = a.astype(np.float64) @ b.astype(np.float64) + bias
+    _close(kernels.matmul(a, b, bias=bias, body=body), want)
+    out = np.full((m, n), np.nan, np.float32)
+    assert kernels.matmul(a.T.copy().T, b, out=out, bias=bias, body=body) is out
+    _close(out, want)
+    start = rng.standard_normal((m, n), dtype=np.float32)
+    out = start.copy()
+    kernels.matmul(a, b, out=out, accumulate=True, bias=bias, body=body)
+    _close(out, start + want)
+
+
+def test_bias_of_another_dtype_or_layout_and_the_wrong_shape():
+    rng = np.random.default_rng(8)
+    a, b = _operands(rng, 197, 64, 48)
+    wide = rng.standard_normal(96, dtype=np.float32)
+    want = a.astype(np.float64) @ b
+    _close(kernels.matmul(a, b, bias=wide[::2]), want + wide[::2])  # strided: NumPy's body
+    _close(kernels.matmul(a, b, bias=wide[:48].astype(np.float64)), want + wide[:48])
+    with pytest.raises(ValueError, match=r"bias has shape \(96,\); it must be \(48,\)"):
+        kernels.matmul(a, b, bias=wide)
 
 
 def test_split_plan_cuts_the_longer_side_and_keeps_small_products_whole():

@@ -24,7 +24,7 @@ from minivit.kernels.attention import (
     attention_forward,
     attention_forward_ref,
 )
-from minivit.kernels.bias import add_bias, add_bias_ref, bias_grad, bias_grad_ref
+from minivit.kernels.bias import bias_grad, bias_grad_ref
 from minivit.kernels.gelu import gelu_backward, gelu_backward_ref, gelu_forward, gelu_forward_ref
 from minivit.kernels.gemm import matmul, matmul_ref
 from minivit.kernels.groupnorm import (
@@ -62,8 +62,6 @@ drop_stale_cache()  # Numba reads a body's cache on its first call, not at impor
 
 __all__ = [
     "fusable",
-    "add_bias",
-    "add_bias_ref",
     "bias_grad",
     "bias_grad_ref",
     "add_relu_backward",

@@ -28,31 +28,52 @@ from minivit import backend
 from minivit.kernels import _blas, _dispatch
 
 _ONE, _ZERO = np.float32(1.0), np.float32(0.0)
+_NO_BIAS = np.empty(0, np.float32)  # the bodies' "no bias" (one array type for Numba's cache)
 # Products of fewer multiply-adds run on the calling thread: a region costs a few microseconds,
 # about what 2^19 multiply-adds take on one core (a classifier head at batch 1 is 384 x 1000).
 SPLIT_ABOVE = 1 << 19
 _ALIGN = 16  # column blocks start on a 64-byte boundary of each row
 
 
-def matmul_ref(a, b, out=None, accumulate: bool = False):
-    """The spec: `a @ b`, into `out` or added to it. Shapes: a (M, K), b (K, N) -> (M, N)"""
-    if not accumulate:
-        return a @ b if out is None else backend.xp_of(a).matmul(a, b, out=out)
-    out += a @ b
+def matmul_ref(a, b, out=None, accumulate: bool = False, bias=None):
+    """The spec: `a @ b` (plus `bias` on every row), into `out` or added to it.
+
+    Shapes: a (M, K), b (K, N), bias (N,) -> (M, N)
+    """
+    if accumulate:
+        out += a @ b
+    else:
+        out = a @ b if out is None else backend.xp_of(a).matmul(a, b, out=out)
+    if bias is not None:
+        out += bias
     return out
 
 
+@numba.njit(inline="always", cache=True)
+def _start_from_bias(c, bias, beta):
+    """Fill the block c with the bias rows and return sgemm's beta for adding the product to
+    them (1); without a bias (size 0), c is left alone and `beta` returned."""
+    if bias.size == 0:
+        return beta
+    for r in range(c.shape[0]):
+        for j in range(c.shape[1]):
+            c[r, j] = bias[j]
+    return _ONE
+
+
 @numba.njit(cache=True)
-def _sgemm_cpu(trans_a, trans_b, a, b, beta, c):
+def _sgemm_cpu(trans_a, trans_b, a, b, beta, c, bias):
     m, n = c.shape
     k = a.shape[0] if trans_a == _blas.T else a.shape[1]
+    beta = _start_from_bias(c, bias, beta)
     _blas.gemm(trans_a, trans_b, m, n, k, _ONE, a, b, beta, c)
 
 
 @numba.njit(parallel=True, cache=True)
-def _sgemm_split(trans_a, trans_b, a, b, beta, c, parts, by_rows):
-    """c <- op(a) op(b) + beta c as `parts` single-threaded sgemm calls, one per Numba thread:
-    on blocks of rows of c (`by_rows`) or of columns (starting at multiples of `_ALIGN`)."""
+def _sgemm_split(trans_a, trans_b, a, b, beta, c, parts, by_rows, bias):
+    """c <- op(a) op(b) + beta c (or + the bias rows, when `bias` is not empty) as `parts`
+    single-threaded sgemm calls, one per Numba thread: on blocks of rows of c (`by_rows`) or of
+    columns (starting at multiples of `_ALIGN`), each thread writing its own block's bias."""
     m, n = c.shape
     k = a.shape[0] if trans_a == _blas.T else a.shape[1]
     for p in numba.prange(parts):
@@ -60,13 +81,16 @@ def _sgemm_split(trans_a, trans_b, a, b, beta, c, parts, by_rows):
             i0, i1 = p * m // parts, (p + 1) * m // parts
             if i1 > i0:
                 ab = a[i0:i1] if trans_a == _blas.N else a[:, i0:i1]
-                _blas.gemm(trans_a, trans_b, i1 - i0, n, k, _ONE, ab, b, beta, c[i0:i1])
+                block_beta = _start_from_bias(c[i0:i1], bias, beta)
+                _blas.gemm(trans_a, trans_b, i1 - i0, n, k, _ONE, ab, b, block_beta, c[i0:i1])
         else:
             j0 = p * n // parts // _ALIGN * _ALIGN
             j1 = n if p == parts - 1 else (p + 1) * n // parts // _ALIGN * _ALIGN
             if j1 > j0:
                 bb = b[:, j0:j1] if trans_b == _blas.N else b[j0:j1]
-                _blas.gemm(trans_a, trans_b, m, j1 - j0, k, _ONE, a, bb, beta, c[:, j0:j1])
+                block_bias = bias[j0:j1] if bias.size else bias
+                block_beta = _start_from_bias(c[:, j0:j1], block_bias, beta)
+                _blas.gemm(trans_a, trans_b, m, j1 - j0, k, _ONE, a, bb, block_beta, c[:, j0:j1])
 
 
 def split_plan(m: int, n: int, k: int, threads: int) -> tuple[int, bool]:
@@ -104,10 +128,14 @@ def _cpu_ready(*arrays) -> bool:
     return arrays[0].size > 0 and arrays[1].size > 0
 
 
-def matmul(a, b, out=None, accumulate: bool = False, body: str | None = None):
-    """`a @ b`, written into `out` when given, or added to it with `accumulate=True`.
+def matmul(a, b, out=None, accumulate: bool = False, body: str | None = None, bias=None):
+    """`a @ b`, written into `out` when given, or added to it with `accumulate=True`; with
+    `bias`, the bias is added to every row of the product (the Dense and Conv bias add): the
+    sgemm body starts each thread's block of the result from the bias rows and adds the
+    product to them (beta = 1), in place of OpenBLAS zeroing the block (beta = 0) and a second
+    pass over the result adding the bias.
 
-    Shapes: a (M, K), b (K, N), out (M, N) -> (M, N)
+    Shapes: a (M, K), b (K, N), bias (N,), out (M, N) -> (M, N)
     """
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul: cannot multiply shapes {a.shape} and {b.shape} as matrices")
@@ -115,21 +143,29 @@ def matmul(a, b, out=None, accumulate: bool = False, body: str | None = None):
         raise ValueError("matmul: accumulate=True needs out, the array to add the product to")
     if out is not None and out.shape != (a.shape[0], b.shape[1]):
         raise ValueError(f"matmul: out has shape {out.shape}, the product {a.shape[0], b.shape[1]}")
+    if bias is not None and bias.shape != (b.shape[1],):
+        raise ValueError(
+            f"matmul: bias has shape {bias.shape}; it must be ({b.shape[1]},), one value per "
+            "column of the product"
+        )
     chosen = _dispatch.pick_body("matmul", a, body)
     arrays = (a, b) if out is None else (a, b, out)
     on_numpy = _blas.products_on_numpy_threads()
     split = _blas.LIBRARY == "openblas" and not on_numpy
     wanted = body == "cpu" or not on_numpy
     ready = _cpu_ready(*arrays) and (out is None or out.flags.c_contiguous)
+    if bias is not None:  # the bias goes into the block as it is; accumulate adds it after
+        ready = ready and not accumulate and _cpu_ready(bias, bias) and bias.flags.c_contiguous
     if chosen == "cpu" and wanted and ready:
         _dispatch.cpu_ready()
         c = np.empty((a.shape[0], b.shape[1]), np.float32) if out is None else out
         (ab, ta), (bb, tb) = _block(a), _block(b)
         beta = _ONE if accumulate else _ZERO
+        rows = _NO_BIAS if bias is None else bias
         parts, by_rows = split_plan(*c.shape, a.shape[1], numba.get_num_threads() if split else 1)
         if parts > 1:
-            _sgemm_split(ta, tb, ab, bb, beta, c, parts, by_rows)
+            _sgemm_split(ta, tb, ab, bb, beta, c, parts, by_rows, rows)
         else:
-            _sgemm_cpu(ta, tb, ab, bb, beta, c)
+            _sgemm_cpu(ta, tb, ab, bb, beta, c, rows)
         return c
-    return matmul_ref(a, b, out, accumulate)
+    return matmul_ref(a, b, out, accumulate, bias)

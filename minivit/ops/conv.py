@@ -16,7 +16,6 @@ from minivit import kernels
 from minivit.autograd import Function, Tensor
 from minivit.kernels import window
 from minivit.ops.elementwise import as_dtype, float_dtype
-from minivit.ops.linalg import add_bias_rows
 from minivit.ops.reduce import mean
 
 PADDINGS = ("SAME", "VALID")
@@ -124,9 +123,8 @@ class Conv2D(Function):
         self.plan = _Columns(x.shape, window, self.stride, pads, out_hw)
         self.save(x, kernel)
         columns = self.plan.columns(xp, x)  # (B*OH*OW, kh*kw*I)
-        y = kernels.matmul(columns, kernel.reshape(-1, kernel.shape[3]))  # (B*OH*OW, O)
-        if bias:
-            add_bias_rows(y, bias[0])
+        kernel_2d, rows = kernel.reshape(-1, kernel.shape[3]), bias[0] if bias else None
+        y = kernels.matmul(columns, kernel_2d, bias=rows)  # (B*OH*OW, O)
         return y.reshape(x.shape[0], *out_hw, kernel.shape[3])
 
     def backward(self, xp, gy):

@@ -92,9 +92,8 @@ class Dense(Function):
         if kernel.ndim != 2:  # (*I, *O) as (I, O): a view of the contiguous parameter
             kernel = kernel.reshape(-1, math.prod(outer))
         self.save(x, kernel)
-        y = kernels.matmul(x.reshape(-1, kernel.shape[0]), kernel)  # (R, O)
-        if bias:
-            add_bias_rows(y, bias[0].reshape(-1))
+        rows = bias[0].reshape(-1) if bias else None
+        y = kernels.matmul(x.reshape(-1, kernel.shape[0]), kernel, bias=rows)  # (R, O)
         return y.reshape(*x.shape[: x.ndim - n], *outer)
 
     def backward(self, xp, gy):
@@ -178,8 +177,8 @@ class HeadsProjections(Function):
         for i, p in enumerate(params[:3]):
             kernel[:, i * width : (i + 1) * width] = p.reshape(d, width)
         self.save(x, kernel)
-        y = kernels.matmul(x.reshape(-1, d), kernel)  # (R, 3 NH K)
-        add_bias_rows(y, xp.concatenate([b.reshape(-1) for b in params[3:]]))
+        biases = xp.concatenate([b.reshape(-1) for b in params[3:]])  # (3 NH K,)
+        y = kernels.matmul(x.reshape(-1, d), kernel, bias=biases)  # (R, 3 NH K)
         return y.reshape(*x.shape[:-1], 3, *heads[1:])
 
     def backward(self, xp, gy):
@@ -197,14 +196,6 @@ class HeadsProjections(Function):
         for i, needed in enumerate(needs[4:]):
             grads.append(gb[i * width : (i + 1) * width].reshape(heads[1:]) if needed else None)
         return tuple(grads)
-
-
-def add_bias_rows(y, bias) -> None:
-    """y += bias on a (R, O) GEMM output, in place (the threaded kernel for float32)."""
-    if kernels.fusable(y, bias):
-        kernels.add_bias(y, bias)
-    else:
-        y += bias
 
 
 def matmul(a, b) -> Tensor:
