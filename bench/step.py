@@ -72,6 +72,7 @@ GEMM_SIZE = 2048
 GPU_GEMM_SIZE = 8192  # the GPU probe: 1.1 TFLOP a product, milliseconds on a data-centre GPU
 DEVICES = ("cpu", "cuda")
 CHILD_TIMEOUT_S = 420
+RECHECK_ABOVE, RECHECKS = 0.95, 2  # `anchor_rate`: when to probe the GEMM rate again, how often
 LONG_STEP = 1.0  # a warm-up step longer than the budget is timed once (`time_steps`)
 JSON_KEYS = (
     "model",
@@ -537,10 +538,26 @@ def run_config(framework: str, request: dict) -> dict:
     else:
         result = run_jax(spec, mode, batch, budget, phases, device)
     probe = result.pop("gemm_probe")  # after the timed steps and the RSS reading
-    result["gemm_gflops"] = probe() if request.get("probe", True) else None
+    result["gemm_gflops"] = None
+    if request.get("probe", True):
+        step_gflops = request.get("step_gflop", 0.0) / result["step_s"]
+        result["gemm_gflops"], result["gemm_probes"] = anchor_rate(probe, step_gflops)
     phases.mark("GEMM probe")
     result.update(img_s=batch / result["step_s"], phases=phases.seconds)
     return result
+
+
+def anchor_rate(probe: Callable[[], float], step_gflops: float) -> tuple[float, list[float]]:
+    """The process's GEMM rate, the anchor of its `of GEMM` cell, and every probe taken: one
+    probe, and up to `RECHECKS` more while the step itself ran at `RECHECK_ABOVE` of the fastest
+    probe or more. A whole step does not outrun the products it is made of, so a probe it
+    matches most likely ran in one of this guest's dips (run 12: a ViT-Ti/16 child whose steps
+    read 140 GFLOP/s probed 107, '131% of GEMM', with every other child at 183-207). Probing
+    again can only raise the anchor, never flatter the step."""
+    rates = [probe()]
+    while len(rates) <= RECHECKS and step_gflops >= RECHECK_ABOVE * max(rates):
+        rates.append(probe())
+    return max(rates), [round(r, 1) for r in rates]
 
 
 def pin_jax_platform(device: str) -> None:
@@ -556,7 +573,9 @@ def pin_jax_platform(device: str) -> None:
 def child_main(args: argparse.Namespace) -> None:
     """Run one configuration in this fresh process and print its JSON object (`--fresh`)."""
     pin_jax_platform(args.device)
-    request = _request(args.model, args.mode, args.batch, args, args.budget, not args.no_probe)
+    request = _request(
+        args.model, args.mode, args.batch, args, args.budget, not args.no_probe, args.step_gflop
+    )
     print(json.dumps(run_config(args.child, request)))
 
 
@@ -573,8 +592,15 @@ def zygote_main(args: argparse.Namespace) -> None:
 
 # ---- the parent: probes, table, goals ------------------------------------------------------------
 def _request(
-    model: str, mode: str, batch: int, args: argparse.Namespace, budget: float, probe: bool
+    model: str,
+    mode: str,
+    batch: int,
+    args: argparse.Namespace,
+    budget: float,
+    probe: bool,
+    step_gflop: float = 0.0,
 ) -> dict:
+    """A child's configuration; `step_gflop`: the GFLOP of one step (for `anchor_rate`)."""
     return dict(
         model=model,
         mode=mode,
@@ -583,7 +609,16 @@ def _request(
         threads=args.threads,
         probe=probe,
         device=args.device,
+        step_gflop=step_gflop,
     )
+
+
+def step_gflop(spec: Spec, mode: str, batch: int) -> float:
+    """GFLOP of one step of `spec` at `batch`, counted from its config (in the parent: the
+    children of torch and JAX do not import minivit)."""
+    from minivit.models.registry import resolve  # noqa: PLC0415
+
+    return step_flops(resolve(spec.name)[0], mode) * batch / 1e9
 
 
 class Runner:
@@ -634,11 +669,11 @@ class Runner:
         """One process of a configuration, with 1/rounds of the budget (and the GEMM probe
         unless `probe` is False): its JSON result, or {"error": ...} when it failed or timed
         out."""
-        budget = self.args.budget / rounds
+        budget, gflop = self.args.budget / rounds, step_gflop(spec, mode, batch)
         if not self.args.fresh:
-            request = _request(spec.label, mode, batch, self.args, budget, probe)
+            request = _request(spec.label, mode, batch, self.args, budget, probe, gflop)
             return self.zygotes[framework].run(request)
-        return fresh_child(framework, spec, mode, batch, self.args, budget, probe)
+        return fresh_child(framework, spec, mode, batch, self.args, budget, probe, gflop)
 
     def close(self) -> None:
         for zygote in self.zygotes.values():
@@ -646,13 +681,20 @@ class Runner:
 
 
 def fresh_child(
-    framework: str, spec: Spec, mode: str, batch: int, args, budget: float, probe: bool
+    framework: str,
+    spec: Spec,
+    mode: str,
+    batch: int,
+    args,
+    budget: float,
+    probe: bool,
+    gflop: float = 0.0,
 ) -> dict:
     """One configuration in a fresh interpreter; its JSON result, or {"error": ...}."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", framework]
     command += ["--model", spec.label, "--mode", mode, "--batch", str(batch)]
     command += ["--budget", str(budget), "--threads", str(args.threads)]
-    command += ["--device", args.device]
+    command += ["--device", args.device, "--step-gflop", str(gflop)]
     command += [] if probe else ["--no-probe"]
     try:
         done = subprocess.run(
@@ -720,6 +762,8 @@ def measure_row(
             log(f"  {spec.label} {mode} b{batch} {framework}: FAILED ({result['error']})")
             continue
         per_round = f", rounds {result['rounds']}" if rounds > 1 else ""
+        if len(result.get("gemm_probes", [])) > 1:  # `anchor_rate` probed again
+            per_round += f", GEMM probes {result['gemm_probes']}"
         log(
             f"  {spec.label} {mode} b{batch} {framework}: {result['img_s']:.2f} img/s, "
             f"{result['rss_mb']:.0f} MB, {result['iters']} timed runs, GEMM "
@@ -900,6 +944,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--step-gflop", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.budget is None:
         args.budget = 1.5 if args.quick else 2.0

@@ -193,3 +193,43 @@ def test_a_framework_that_sees_no_gpu_is_dropped_before_any_row():
         pytest.skip("CuPy is installed here")
     runner = step.Runner(["minivit"], step.parse_args(["--device", "cuda"]))
     assert runner.frameworks == []  # one check in a fresh process, not a failure per row
+
+
+def _probes(*rates):
+    """A GEMM probe that reads `rates` in turn, and the list of the probes taken."""
+    taken = []
+
+    def probe():
+        taken.append(rates[len(taken)])
+        return taken[-1]
+
+    return probe, taken
+
+
+def test_anchor_rate_probes_once_when_the_step_is_well_below_it():
+    probe, taken = _probes(190.0, 300.0)
+    assert step.anchor_rate(probe, 150.0) == (190.0, [190.0])
+    assert taken == [190.0]
+
+
+def test_anchor_rate_probes_again_when_the_step_matches_the_probe():
+    """run 12's ViT-Ti/16 child: steps at 140 GFLOP/s, a first probe at 107."""
+    probe, taken = _probes(107.0, 201.0, 300.0)
+    assert step.anchor_rate(probe, 140.0) == (201.0, [107.0, 201.0])  # 140 < 0.95 x 201: done
+    probe, taken = _probes(100.0, 120.0, 110.0, 300.0)
+    assert step.anchor_rate(probe, 140.0) == (120.0, [100.0, 120.0, 110.0])
+    assert len(taken) == 1 + step.RECHECKS  # never more than RECHECKS again
+
+
+def test_step_gflop_is_the_configs_flops_times_the_batch():
+    from minivit.models.registry import resolve
+
+    spec = next(s for s in step.SPECS if s.label == "ViT-S/16")
+    config = resolve(spec.name)[0]
+    assert step.step_gflop(spec, "train", 32) == pytest.approx(
+        3 * 32 * step.forward_flops(config) / 1e9
+    )
+    args = step.parse_args(["--child", "minivit", "--model", "ViT-S/16", "--step-gflop", "2.5"])
+    assert args.step_gflop == 2.5
+    request = step._request("ViT-S/16", "train", 32, args, 2.0, True, 2.5)
+    assert request["step_gflop"] == 2.5
