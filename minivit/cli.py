@@ -354,7 +354,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 
 def _run_bench(bench_args: list[str]) -> int:
-    """`minivit bench ARGS`: bench/step.py ARGS in this interpreter; its exit status."""
+    """`minivit bench ARGS`: bench/step.py ARGS run by this Python; its exit status."""
     script = Path(minivit.__file__).resolve().parent.parent / "bench" / "step.py"
     if not script.is_file():
         print(

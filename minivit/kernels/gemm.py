@@ -155,7 +155,8 @@ def matmul(a, b, out=None, accumulate: bool = False, body: str | None = None, bi
     wanted = body == "cpu" or not on_numpy
     ready = _cpu_ready(*arrays) and (out is None or out.flags.c_contiguous)
     if bias is not None:  # the bias goes into the block as it is; accumulate adds it after
-        ready = ready and not accumulate and _cpu_ready(bias, bias) and bias.flags.c_contiguous
+        on_host = isinstance(bias, np.ndarray) and bias.dtype == np.float32
+        ready = ready and not accumulate and on_host and bias.flags.c_contiguous
     if chosen == "cpu" and wanted and ready:
         _dispatch.cpu_ready()
         c = np.empty((a.shape[0], b.shape[1]), np.float32) if out is None else out
