@@ -72,6 +72,7 @@ GEMM_SIZE = 2048
 GPU_GEMM_SIZE = 8192  # the GPU probe: 1.1 TFLOP a product, milliseconds on a data-centre GPU
 DEVICES = ("cpu", "cuda")
 CHILD_TIMEOUT_S = 420
+PROG_ENV = "MINIVIT_BENCH_PROG"  # set by `minivit bench`: the program name its messages use
 RECHECK_ABOVE, RECHECKS = 0.95, 2  # `anchor_rate`: when to probe the GEMM rate again, how often
 LONG_STEP = 1.0  # a warm-up step longer than the budget is timed once (`time_steps`)
 JSON_KEYS = (
@@ -909,7 +910,8 @@ def time_lines(details: dict, wall_s: float) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    prog = os.environ.get(PROG_ENV)  # `minivit bench` names itself in usage and errors
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout, text on stderr")
     parser.add_argument("--quick", action="store_true", help="a ~2-minute subset (Ti/16, S/16)")
     parser.add_argument("--models", nargs="+", choices=[s.label for s in SPECS])

@@ -364,7 +364,8 @@ def _run_bench(bench_args: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    return subprocess.call([sys.executable, str(script), *bench_args])
+    env = {**os.environ, "MINIVIT_BENCH_PROG": "minivit bench"}  # its usage and errors say so
+    return subprocess.call([sys.executable, str(script), *bench_args], env=env)
 
 
 if __name__ == "__main__":

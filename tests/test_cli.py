@@ -158,8 +158,9 @@ def test_bench_hands_every_option_to_bench_step():
     """`minivit bench --help` is bench/step.py's help, and its options reach it unparsed."""
     shown = run_cli("bench", "--help")
     assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: minivit bench ")
     for option in ("--models", "--frameworks", "--quick", "--json", "--device"):
         assert option in shown.stdout, option
     refused = run_cli("bench", "--frameworks", "caffe")
     assert refused.returncode == 2
-    assert "invalid choice: 'caffe'" in refused.stderr
+    assert "minivit bench: error: argument --frameworks: invalid choice: 'caffe'" in refused.stderr
