@@ -743,8 +743,6 @@ def measure_row(
     take turns, one process each per round (this guest slows whole processes at a time: a
     ViT-Ti/16 batch-1 process ran all its steps at 21 ms or all at 35 ms), each round with
     1/rounds of the budget, and each cell is the process of median img/s (`median_result`)."""
-    from minivit.models.registry import resolve  # noqa: PLC0415
-
     row = {"model": spec.label, "mode": mode, "batch": batch}
     runs: dict[str, list[dict]] = {}
     for _ in range(rounds):
@@ -774,7 +772,7 @@ def measure_row(
         row[f"{framework}_img_s"] = result["img_s"]
         row[f"{framework}_rss_mb"] = result["rss_mb"]
         if framework == "minivit":
-            gflops = step_flops(resolve(spec.name)[0], mode) * result["img_s"] / 1e9
+            gflops = step_gflop(spec, mode, 1) * result["img_s"]  # GFLOP per image x img/s
             fraction = gflops / result["gemm_gflops"]
             row.update(gflops_per_s=gflops, gemm_fraction=fraction, of_gemm=f"{fraction:.0%}")
         if framework == "jax":

@@ -88,8 +88,7 @@ def _sgemm_split(trans_a, trans_b, a, b, beta, c, parts, by_rows, bias):
             j1 = n if p == parts - 1 else (p + 1) * n // parts // _ALIGN * _ALIGN
             if j1 > j0:
                 bb = b[:, j0:j1] if trans_b == _blas.N else b[j0:j1]
-                block_bias = bias[j0:j1] if bias.size else bias
-                block_beta = _start_from_bias(c[:, j0:j1], block_bias, beta)
+                block_beta = _start_from_bias(c[:, j0:j1], bias[j0:j1], beta)  # empty: none
                 _blas.gemm(trans_a, trans_b, m, j1 - j0, k, _ONE, a, bb, block_beta, c[:, j0:j1])
 
 

@@ -123,8 +123,8 @@ class Conv2D(Function):
         self.plan = _Columns(x.shape, window, self.stride, pads, out_hw)
         self.save(x, kernel)
         columns = self.plan.columns(xp, x)  # (B*OH*OW, kh*kw*I)
-        kernel_2d, rows = kernel.reshape(-1, kernel.shape[3]), bias[0] if bias else None
-        y = kernels.matmul(columns, kernel_2d, bias=rows)  # (B*OH*OW, O)
+        kernel_2d = kernel.reshape(-1, kernel.shape[3])  # (kh*kw*I, O)
+        y = kernels.matmul(columns, kernel_2d, bias=bias[0] if bias else None)  # (B*OH*OW, O)
         return y.reshape(x.shape[0], *out_hw, kernel.shape[3])
 
     def backward(self, xp, gy):
