@@ -74,7 +74,7 @@ DEVICES = ("cpu", "cuda")
 CHILD_TIMEOUT_S = 420
 PROG_ENV = "MINIVIT_BENCH_PROG"  # set by `minivit bench`: the program name its messages use
 RECHECK_ABOVE, RECHECKS = 0.95, 2  # `anchor_rate`: when to probe the GEMM rate again, how often
-LONG_STEP = 1.0  # a warm-up step longer than the budget is timed once (`time_steps`)
+LONG_STEP = 1.0  # a first timed step longer than the budget is the only one (`time_steps`)
 JSON_KEYS = (
     "model",
     "mode",
@@ -168,28 +168,28 @@ def time_steps(
 ) -> tuple[float, int]:
     """Median seconds of `step()` over as many runs as fit `budget_s`, after `warmup` runs.
 
-    Returns (median seconds, number of timed runs): at least `min_iters`, at most `max_iters`,
-    and one when the last warm-up step alone took more than `LONG_STEP` budgets (a ViT-B/16 or
-    Mixer-B/16 training step at batch 32 in timm or JAX runs 20-35 s on 2 cores, so its single
-    run already averages over seconds; a second one would add about 3 minutes to the table).
+    Returns (median seconds, number of timed runs): timed runs go on until they add up to the
+    budget and number at least `min_iters`, at most `max_iters`; a first timed run longer than
+    `LONG_STEP` budgets is the only one (a ViT-B/16 or Mixer-B/16 training step at batch 32 in
+    timm or JAX runs 20-35 s on 2 cores, so its single run already averages over seconds; a
+    second one would add about 3 minutes to the table). The count goes by the timed runs, not
+    the warm-up: a process's first step pays its page faults and first allocations (a ViT-Ti/16
+    training step at batch 32: 2.0 s, then 0.9-1.0 s), which would otherwise cut the count.
     """
     phases = phases or Phases()
     phases.mark("setup")  # model, data, compile: everything before the first step
     for _ in range(warmup):
-        start = time.perf_counter()
         step()
-        first = time.perf_counter() - start
     phases.mark("warm-up")
-    if first > LONG_STEP * budget_s:
-        min_iters = 1
-    iters = max(min_iters, min(max_iters, int(budget_s / max(first, 1e-9))))
-    times = []
-    for _ in range(iters):
+    times: list[float] = []
+    while len(times) < max_iters:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+        if times[0] > LONG_STEP * budget_s or (len(times) >= min_iters and sum(times) >= budget_s):
+            break
     phases.mark("timed")
-    return statistics.median(times), iters
+    return statistics.median(times), len(times)
 
 
 def gemm_rate(matmul: Callable[[], object], n: int = GEMM_SIZE, repeats: int = 7) -> float:

@@ -41,16 +41,30 @@ def stepping(clock, seconds: list[float]):
 def test_short_steps_fill_the_budget_and_phases_add_up(clock):
     phases = step.Phases()
     clock.now += 0.7  # model and data
-    run, calls = stepping(clock, [0.5, 0.2, 0.3, 0.2])
+    run, calls = stepping(clock, [0.5, 0.6, 0.3, 0.2, 0.8, 0.2])
     seconds, iters = step.time_steps(run, 1, 2.0, 2, 10, phases)
-    assert iters == 4  # int(2.0 / 0.5): the warm-up step sets the count
-    assert len(calls) == 5
-    assert seconds == pytest.approx(0.2)  # median of 0.2, 0.3, 0.2, 0.2
-    assert phases.seconds == pytest.approx({"setup": 0.7, "warm-up": 0.5, "timed": 0.9})
+    assert iters == 5  # 0.6 + 0.3 + 0.2 + 0.8 = 1.9, + 0.2: the fifth run reaches the budget
+    assert len(calls) == 6
+    assert seconds == pytest.approx(0.3)  # median of 0.6, 0.3, 0.2, 0.8, 0.2
+    assert phases.seconds == pytest.approx({"setup": 0.7, "warm-up": 0.5, "timed": 2.1})
 
 
-def test_a_warm_up_longer_than_the_budget_is_timed_once(clock):
-    run, calls = stepping(clock, [2.5, 2.4])
+def test_a_slow_first_step_does_not_cut_the_count(clock):
+    """The cold first step (page faults, first allocations) is warm-up, not the yardstick."""
+    run, calls = stepping(clock, [2.5, 0.9, 0.8, 0.8])
+    seconds, iters = step.time_steps(run, 1, 2.0, 2, 10)
+    assert (seconds, iters, len(calls)) == (pytest.approx(0.8), 3, 4)
+
+
+def test_min_and_max_runs_bound_the_count(clock):
+    run, _ = stepping(clock, [0.1, 1.5])
+    assert step.time_steps(run, 1, 2.0, 5, 30) == (pytest.approx(1.5), 5)  # past the budget
+    run, _ = stepping(clock, [0.01])
+    assert step.time_steps(run, 3, 2.0, 5, 30) == (pytest.approx(0.01), 30)  # 0.3 s of runs
+
+
+def test_a_first_timed_step_longer_than_the_budget_is_the_only_one(clock):
+    run, calls = stepping(clock, [3.0, 2.4, 1.0])
     seconds, iters = step.time_steps(run, 1, 2.0, 2, 10)
     assert (seconds, iters, len(calls)) == (pytest.approx(2.4), 1, 2)
 
