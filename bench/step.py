@@ -30,6 +30,7 @@ import importlib
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -544,7 +545,9 @@ def run_config(framework: str, request: dict) -> dict:
         step_gflops = request.get("step_gflop", 0.0) / result["step_s"]
         result["gemm_gflops"], result["gemm_probes"] = anchor_rate(probe, step_gflops)
     phases.mark("GEMM probe")
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # this process's own, from its fork or start
     result.update(img_s=batch / result["step_s"], phases=phases.seconds)
+    result.update(user_s=usage.ru_utime, sys_s=usage.ru_stime)  # kernel time: page faults mostly
     return result
 
 
@@ -736,6 +739,14 @@ def median_result(results: list[dict]) -> dict:
     return chosen
 
 
+def _cpu_times(result: dict) -> str:
+    """The child's CPU seconds in its own code and in the kernel, for its log line: a process the
+    guest slows shows as wall time beyond them, page faults and first touches of memory as sys."""
+    if "user_s" not in result:
+        return ""
+    return f", CPU {result['user_s']:.0f} s user {result['sys_s']:.1f} s sys"
+
+
 def measure_row(
     spec: Spec, mode: str, batch: int, runner: Runner, details: dict, rounds: int = 1
 ) -> dict:
@@ -766,7 +777,7 @@ def measure_row(
         log(
             f"  {spec.label} {mode} b{batch} {framework}: {result['img_s']:.2f} img/s, "
             f"{result['rss_mb']:.0f} MB, {result['iters']} timed runs, GEMM "
-            f"{result['gemm_gflops']:.0f} GFLOP/s ({took:.0f} s, "
+            f"{result['gemm_gflops']:.0f} GFLOP/s ({took:.0f} s{_cpu_times(result)}, "
             f"load {os.getloadavg()[0]:.1f}){per_round}"
         )
         row[f"{framework}_img_s"] = result["img_s"]

@@ -134,6 +134,11 @@ def test_the_gemm_probe_moves_to_the_next_round_when_the_first_one_failed():
     assert row["minivit_img_s"] == 40.0 and row["gemm_fraction"] > 0
 
 
+def test_the_log_line_shows_the_childs_cpu_seconds():
+    assert step._cpu_times({"user_s": 12.4, "sys_s": 3.26}) == ", CPU 12 s user 3.3 s sys"
+    assert step._cpu_times({"img_s": 1.0}) == ""  # a result from before the field
+
+
 # ---- --device cuda: the plumbing, checked without a GPU ------------------------------------------
 def test_device_cuda_runs_every_configuration_in_a_fresh_interpreter():
     assert not step.parse_args([]).fresh and step.parse_args([]).device == "cpu"
@@ -170,6 +175,7 @@ def test_run_config_hands_the_device_to_the_framework(monkeypatch):
     request = dict(model="ViT-Ti/16", mode="train", batch=32, budget=1.0, threads=2)
     result = step.run_config("minivit", {**request, "device": "cuda"})
     assert seen == ["cuda"] and result["img_s"] == 64 and result["gemm_gflops"] == 100.0
+    assert result["user_s"] > 0 and result["sys_s"] >= 0  # this process's own CPU seconds
     step.run_config("minivit", request)  # an older request without the key: the CPU
     assert seen == ["cuda", "cpu"]
 
