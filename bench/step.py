@@ -740,8 +740,9 @@ def median_result(results: list[dict]) -> dict:
 
 
 def _cpu_times(result: dict) -> str:
-    """The child's CPU seconds in its own code and in the kernel, for its log line: a process the
-    guest slows shows as wall time beyond them, page faults and first touches of memory as sys."""
+    """The child's CPU seconds (over its threads) in its own code and in the kernel, for its log
+    line: page faults and first touches of memory show as sys, cores the guest did not get as
+    CPU time short of threads x wall time."""
     if "user_s" not in result:
         return ""
     return f", CPU {result['user_s']:.0f} s user {result['sys_s']:.1f} s sys"
