@@ -97,7 +97,8 @@ class FakeRunner:
         if value is None:
             return {"error": "child died"}
         rate = 200.0 if probe else None
-        return dict(img_s=value, rss_mb=100.0 + value, iters=5, gemm_gflops=rate)
+        cpu = dict(user_s=1.0, sys_s=0.25)
+        return dict(img_s=value, rss_mb=100.0 + value, iters=5, gemm_gflops=rate, **cpu)
 
 
 def test_batch_one_rows_take_turns_and_report_the_median_process():
@@ -114,6 +115,15 @@ def test_batch_one_rows_take_turns_and_report_the_median_process():
     assert row["vs_torch"] == pytest.approx(47.0 / 45.0)
     assert row["gemm_fraction"] > 0  # the median round has no probe: the first round's rate
     assert step.rounds_for("train", 32, 3) == step.rounds_for("inference", 32, 3) == 1
+
+
+def test_the_log_line_sums_wall_and_cpu_seconds_over_the_rounds(monkeypatch):
+    lines = []
+    monkeypatch.setattr(step, "log", lines.append)
+    runner = FakeRunner({"minivit": [20.0, 21.0]})
+    step.measure_row(step.SPECS[0], "inference", 1, runner, {}, 2)
+    (line,) = lines
+    assert "CPU 2 s user 0.5 s sys" in line and "rounds [20.0, 21.0]" in line
 
 
 def test_a_framework_whose_every_round_failed_leaves_its_cell_empty():
@@ -239,6 +249,8 @@ def test_anchor_rate_probes_again_when_the_step_matches_the_probe():
     probe, taken = _probes(100.0, 120.0, 110.0, 300.0)
     assert step.anchor_rate(probe, 140.0) == (120.0, [100.0, 120.0, 110.0])
     assert len(taken) == 1 + step.RECHECKS  # never more than RECHECKS again
+    probe, taken = _probes(213.0, 410.0, 300.0)  # run 17's R26+S/32 training child, in a dip
+    assert step.anchor_rate(probe, 198.6) == (410.0, [213.0, 410.0])
 
 
 def test_step_gflop_is_the_configs_flops_times_the_batch():
