@@ -989,6 +989,15 @@ def main(argv: list[str] | None = None) -> None:
     for line in header(args):
         text(line)
     runner = Runner(args.frameworks, args)
+    if not runner.frameworks:
+        runner.close()
+        log(
+            f"{os.environ.get(PROG_ENV, 'bench/step.py')}: none of {', '.join(args.frameworks)} "
+            f"can run in {sys.executable} (why is above); install them into that Python "
+            "(`pip install -e '.[bench]'` from the checkout) or run this with the Python that "
+            "has them"
+        )
+        sys.exit(2)
     rows, details = [], {}
     configs = plan(args)
     try:

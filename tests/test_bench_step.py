@@ -149,6 +149,18 @@ def test_the_log_line_shows_the_childs_cpu_seconds():
     assert step._cpu_times({"img_s": 1.0}) == ""  # a result from before the field
 
 
+def test_no_usable_framework_stops_with_one_sentence(monkeypatch, capsys):
+    monkeypatch.setattr(step, "header", lambda args: [])  # no 2048^3 probe in a unit test
+    monkeypatch.setattr(step._common, "setup_threads", lambda threads: None)  # NumPy is loaded
+    monkeypatch.setattr(step.Runner, "_start", lambda self, name: "No module named 'numba'")
+    with pytest.raises(SystemExit) as stop:
+        step.main(["--frameworks", "minivit", "torch"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "minivit: not usable, column left empty (): No module named 'numba'" in err
+    assert "none of minivit, torch can run in" in err and "pip install -e '.[bench]'" in err
+
+
 # ---- --device cuda: the plumbing, checked without a GPU ------------------------------------------
 def test_device_cuda_runs_every_configuration_in_a_fresh_interpreter():
     assert not step.parse_args([]).fresh and step.parse_args([]).device == "cpu"
