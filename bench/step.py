@@ -546,8 +546,12 @@ def run_config(framework: str, request: dict) -> dict:
         result["gemm_gflops"], result["gemm_probes"] = anchor_rate(probe, step_gflops)
     phases.mark("GEMM probe")
     usage = resource.getrusage(resource.RUSAGE_SELF)  # this process's own, from its fork or start
-    result.update(img_s=batch / result["step_s"], phases=phases.seconds)
-    result.update(user_s=usage.ru_utime, sys_s=usage.ru_stime)  # kernel time: page faults mostly
+    result.update(
+        img_s=batch / result["step_s"],
+        phases=phases.seconds,
+        user_s=usage.ru_utime,
+        sys_s=usage.ru_stime,  # kernel time: page faults mostly
+    )
     return result
 
 
@@ -740,13 +744,13 @@ def median_result(results: list[dict]) -> dict:
     return chosen
 
 
-def _cpu_times(result: dict) -> str:
-    """The child's CPU seconds (over its threads) in its own code and in the kernel, for its log
-    line: page faults and first touches of memory show as sys, cores the guest did not get as
-    CPU time short of threads x wall time."""
-    if not result.get("user_s"):  # results from before the field, or failed children only
+def _cpu_times(cpu: dict) -> str:
+    """A child's CPU seconds (over its threads) in its own code and in the kernel, `user_s` and
+    `sys_s`, for its log line: page faults and first touches of memory show as sys, cores the
+    guest did not get as CPU time short of threads x wall time."""
+    if not cpu.get("user_s"):  # results from before the field
         return ""
-    return f", CPU {result['user_s']:.0f} s user {result['sys_s']:.1f} s sys"
+    return f", CPU {cpu['user_s']:.0f} s user {cpu['sys_s']:.1f} s sys"
 
 
 def measure_row(
@@ -769,11 +773,11 @@ def measure_row(
             done.append(result)
     for framework in runner.frameworks:
         result = median_result(runs[framework])
-        took = sum(r["child_s"] for r in runs[framework])
-        cpu = {k: sum(r.get(k, 0.0) for r in runs[framework]) for k in ("user_s", "sys_s")}
         if "error" in result:
             log(f"  {spec.label} {mode} b{batch} {framework}: FAILED ({result['error']})")
             continue
+        took = sum(r["child_s"] for r in runs[framework])
+        cpu = {k: sum(r.get(k, 0.0) for r in runs[framework]) for k in ("user_s", "sys_s")}
         per_round = f", rounds {result['rounds']}" if rounds > 1 else ""
         if len(result.get("gemm_probes", [])) > 1:  # `anchor_rate` probed again
             per_round += f", GEMM probes {result['gemm_probes']}"
