@@ -6,10 +6,13 @@ softmax cross-entropy, backward and an SGD-momentum update. Every (framework, mo
 runs alone in a process of its own, forked from a zygote that has imported its framework once
 (`_zygote.py`; `--fresh`: a fresh interpreter each), so its peak resident memory (VmHWM, read
 when the timed steps end) is its own. Warm-up steps are not timed (JAX's compile time is
-reported apart); the figure is the median of the timed steps. Batch-1 inference rows run
-`--rounds` processes per framework (default 2), the frameworks taking turns, and report the
-process of median img/s (of two: the faster): this guest slows whole processes at a time, not
-single steps.
+reported apart); the figure is the median of the timed steps. Before the table, one minivit
+child per model runs an untimed step of each mode at batch 1 and 4 (`warm_minivit`), so that
+Numba compiles minivit's kernels into its on-disk cache there (30-40 s on a fresh checkout,
+about 9 s when the cache is warm) and no measured child carries the compiler in its time or
+its peak memory. Batch-1 inference rows run `--rounds` processes per framework (default 2),
+the frameworks taking turns, and report the process of median img/s (of two: the faster): this
+guest slows whole processes at a time, not single steps.
 `--device cuda` runs the same table on the first GPU: minivit on CuPy, timm on torch CUDA, JAX on
 its GPU backend, fp32 without TF32, each step waited for, the MB columns the GPU memory each
 framework's allocator held, the GEMM probes 8192^3 products on the GPU.
@@ -76,6 +79,8 @@ CHILD_TIMEOUT_S = 420
 PROG_ENV = "MINIVIT_BENCH_PROG"  # set by `minivit bench`: the program name its messages use
 RECHECK_ABOVE, RECHECKS = 0.85, 2  # `anchor_rate`: when to probe the GEMM rate again, how often
 LONG_STEP = 1.0  # a first timed step longer than the budget is the only one (`time_steps`)
+SETTLE_STEPS = 2  # `time_steps`: extra warm-up steps, at most, while the last one compiled code
+WARM_BATCH = 4  # the batch of the kernel-compiling pass (`warm_plan`) for rows of a larger one
 JSON_KEYS = (
     "model",
     "mode",
@@ -166,6 +171,7 @@ def time_steps(
     min_iters: int,
     max_iters: int,
     phases: Phases | None = None,
+    compiled: Callable[[], int] | None = None,
 ) -> tuple[float, int]:
     """Median seconds of `step()` over as many runs as fit `budget_s`, after `warmup` runs.
 
@@ -176,10 +182,23 @@ def time_steps(
     second one would add about 3 minutes to the table). The count goes by the timed runs, not
     the warm-up: a process's first step pays its page faults and first allocations (a ViT-Ti/16
     training step at batch 32: 2.0 s, then 0.9-1.0 s), which would otherwise cut the count.
+
+    `compiled`: how many functions the process has compiled so far (`CompileWatch.count`).
+    While the last warm-up step compiled any, up to `SETTLE_STEPS` more run untimed: the step
+    after one that compiled is slow too (R26+S/32 training at batch 32, compiling in-process:
+    35 s, then 2.55 s with 0.22 s in the kernel, then 2.30-2.33 s; from a warm cache 2.35 s
+    from the second step on), and a step that long is timed once.
     """
     phases = phases or Phases()
     phases.mark("setup")  # model, data, compile: everything before the first step
+    before = compiled() if compiled else 0
     for _ in range(warmup):
+        before = compiled() if compiled else 0
+        step()
+    for _ in range(SETTLE_STEPS if compiled else 0):
+        if compiled() == before:
+            break
+        before = compiled()
         step()
     phases.mark("warm-up")
     times: list[float] = []
@@ -191,6 +210,36 @@ def time_steps(
             break
     phases.mark("timed")
     return statistics.median(times), len(times)
+
+
+class CompileWatch:
+    """The functions Numba compiles in this process from now on (cache misses: a function its
+    on-disk cache holds loads without compiling), and the wall seconds spent on them; a
+    function compiled while another compiles counts once, inside the outer one."""
+
+    def __init__(self):
+        from numba.core import event  # noqa: PLC0415  (the minivit child's, not the parent's)
+
+        watch = self
+
+        class Listener(event.Listener):
+            def on_start(self, ev):
+                if watch._depth == 0:
+                    watch._started = time.perf_counter()
+                watch._depth += 1
+
+            def on_end(self, ev):
+                watch._depth -= 1
+                if watch._depth == 0:
+                    watch.count += 1
+                    watch.seconds += time.perf_counter() - watch._started
+
+        self.count, self.seconds, self._depth, self._started = 0, 0.0, 0, 0.0
+        self._listener, self._event = Listener(), event
+        event.register("numba:compile", self._listener)
+
+    def close(self) -> None:
+        self._event.unregister("numba:compile", self._listener)
 
 
 def gemm_rate(matmul: Callable[[], object], n: int = GEMM_SIZE, repeats: int = 7) -> float:
@@ -263,29 +312,14 @@ def _timing_plan(mode: str, batch: int, budget_s: float) -> dict:
 
 
 # ---- the three frameworks (each runs in its own child process) -----------------------------------
-def run_minivit(
-    spec: Spec, mode: str, batch: int, budget_s: float, phases: Phases, device: str = "cpu"
-) -> dict:
-    """minivit: Model.forward under no_grad, or loss_and_grads + SGDMomentum.update; on
-    `device` "cuda" the model, images and labels on the first GPU (CuPy), each step waited for."""
-    importlib.import_module("minivit")  # before NumPy loads OpenBLAS: minivit/__init__.py
-    import numba  # noqa: PLC0415
+def _minivit_step(model, mode: str, images, labels, sync: Callable[[], object]):
+    """One minivit step as a function: Model.forward under no_grad, or loss_and_grads and an
+    SGDMomentum update (the optimizer made here, once)."""
     import numpy as np  # noqa: PLC0415
 
-    from minivit import kernels  # noqa: PLC0415
     from minivit.autograd import no_grad  # noqa: PLC0415
-    from minivit.kernels import _blas  # noqa: PLC0415
-    from minivit.models import create_model  # noqa: PLC0415
     from minivit.optim import SGDMomentum  # noqa: PLC0415
 
-    model = create_model(spec.name, num_classes=CLASSES, image_size=IMAGE_SIZE)
-    images, labels = batch_data(batch)
-    sync: Callable[[], object] = lambda: None  # noqa: E731
-    if device == "cuda":
-        model.to("cuda:0")  # a one-sentence error where CuPy or the GPU is missing
-        cp = model.device.xp
-        images, labels = model.device.put(images), model.device.put(labels)
-        sync = cp.cuda.Device().synchronize
     if mode == "inference":
 
         def step():
@@ -294,16 +328,46 @@ def run_minivit(
             sync()
             return out
 
-    else:
-        params, rng = model.params, np.random.default_rng(0)
-        optimizer = SGDMomentum(params)
+        return step
+    params, rng = model.params, np.random.default_rng(0)
+    optimizer = SGDMomentum(params)
 
-        def step():
-            _, grads = model.loss_and_grads(images, labels, train=True, rng=rng)
-            optimizer.update(params, grads, LR)
-            sync()
+    def step():
+        _, grads = model.loss_and_grads(images, labels, train=True, rng=rng)
+        optimizer.update(params, grads, LR)
+        sync()
 
-    seconds, iters = time_steps(step, **_timing_plan(mode, batch, budget_s), phases=phases)
+    return step
+
+
+def run_minivit(
+    spec: Spec, mode: str, batch: int, budget_s: float, phases: Phases, device: str = "cpu"
+) -> dict:
+    """minivit: Model.forward under no_grad, or loss_and_grads + SGDMomentum.update; on
+    `device` "cuda" the model, images and labels on the first GPU (CuPy), each step waited for.
+    The result counts the CPU functions Numba compiled in this process (none where
+    `warm_minivit` filled the cache first); Numba's CUDA kernels compile in every process's
+    first step, a warm-up step, and are not counted (their dispatcher reports no event)."""
+    importlib.import_module("minivit")  # before NumPy loads OpenBLAS: minivit/__init__.py
+    import numba  # noqa: PLC0415
+
+    from minivit import kernels  # noqa: PLC0415
+    from minivit.kernels import _blas  # noqa: PLC0415
+    from minivit.models import create_model  # noqa: PLC0415
+
+    watch = CompileWatch()
+    model = create_model(spec.name, num_classes=CLASSES, image_size=IMAGE_SIZE)
+    images, labels = batch_data(batch)
+    sync: Callable[[], object] = lambda: None  # noqa: E731
+    if device == "cuda":
+        model.to("cuda:0")  # a one-sentence error where CuPy or the GPU is missing
+        cp = model.device.xp
+        images, labels = model.device.put(images), model.device.put(labels)
+        sync = cp.cuda.Device().synchronize
+    step = _minivit_step(model, mode, images, labels, sync)
+    plan = _timing_plan(mode, batch, budget_s)
+    seconds, iters = time_steps(step, **plan, phases=phases, compiled=lambda: watch.count)
+    watch.close()
     if device == "cuda":  # the bytes CuPy's pool holds: it keeps what it once allocated
         rss_mb = cp.get_default_memory_pool().total_bytes() / 2**20
         probe = lambda: device_gemm_rate(cp, kernels.matmul, sync)  # noqa: E731
@@ -324,6 +388,29 @@ def run_minivit(
         numba_layer=layer,
         numba_threads=numba.get_num_threads(),
         blas=_common.blas_report(),
+        numba_compiled=watch.count,
+        numba_compile_s=watch.seconds,
+    )
+
+
+def warm_minivit(spec: Spec, steps: list) -> dict:
+    """One untimed step of `spec` for each (mode, batch) of `steps`, on the CPU: the pass that
+    fills Numba's on-disk cache (next to minivit's sources) before any measured child, so none
+    of them carries the compiler in its time or its peak memory. The functions it compiled and
+    the seconds they took (0 and 0.0 where the cache was already warm)."""
+    importlib.import_module("minivit")  # before NumPy loads OpenBLAS, as in `run_minivit`
+    from minivit.models import create_model  # noqa: PLC0415
+
+    watch, started = CompileWatch(), time.perf_counter()
+    model = create_model(spec.name, num_classes=CLASSES, image_size=IMAGE_SIZE)
+    for mode, batch in steps:
+        images, labels = batch_data(batch)
+        _minivit_step(model, mode, images, labels, lambda: None)()
+    watch.close()
+    return dict(
+        numba_compiled=watch.count,
+        numba_compile_s=watch.seconds,
+        warm_s=time.perf_counter() - started,
     )
 
 
@@ -529,8 +616,10 @@ def run_config(framework: str, request: dict) -> dict:
     """One configuration (`request`: model, mode, batch, budget, threads, `probe`: False to skip
     the GEMM probe, default True, and `device`, default "cpu"): img/s, peak memory (resident, or
     on "cuda" the GPU memory the framework's allocator held), the framework's GEMM rate or
-    None."""
+    None. A request with `warm` (a list of [mode, batch]) runs `warm_minivit` instead."""
     spec = next(s for s in SPECS if s.label == request["model"])
+    if request.get("warm"):
+        return warm_minivit(spec, request["warm"])
     mode, batch, budget = request["mode"], request["batch"], request["budget"]
     device, phases = request.get("device", "cpu"), Phases()
     if framework == "minivit":
@@ -585,6 +674,8 @@ def child_main(args: argparse.Namespace) -> None:
     request = _request(
         args.model, args.mode, args.batch, args, args.budget, not args.no_probe, args.step_gflop
     )
+    if args.warm:
+        request["warm"] = json.loads(args.warm)
     print(json.dumps(run_config(args.child, request)))
 
 
@@ -684,6 +775,13 @@ class Runner:
             return self.zygotes[framework].run(request)
         return fresh_child(framework, spec, mode, batch, self.args, budget, probe, gflop)
 
+    def warm(self, spec: Spec, steps: list) -> dict:
+        """`warm_minivit` of `spec` over `steps` in a minivit child: its result or {"error"}."""
+        if not self.args.fresh:
+            request = _request(spec.label, "warm", 0, self.args, 0.0, False)
+            return self.zygotes["minivit"].run({**request, "warm": steps})
+        return fresh_child("minivit", spec, "warm", 0, self.args, 0.0, False, warm=steps)
+
     def close(self) -> None:
         for zygote in self.zygotes.values():
             zygote.close()
@@ -698,13 +796,16 @@ def fresh_child(
     budget: float,
     probe: bool,
     gflop: float = 0.0,
+    warm: list | None = None,
 ) -> dict:
-    """One configuration in a fresh interpreter; its JSON result, or {"error": ...}."""
+    """One configuration (or with `warm`, the kernel-compiling pass) in a fresh interpreter;
+    its JSON result, or {"error": ...}."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", framework]
     command += ["--model", spec.label, "--mode", mode, "--batch", str(batch)]
     command += ["--budget", str(budget), "--threads", str(args.threads)]
     command += ["--device", args.device, "--step-gflop", str(gflop)]
     command += [] if probe else ["--no-probe"]
+    command += ["--warm", json.dumps(warm)] if warm else []
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, check=False, timeout=CHILD_TIMEOUT_S
@@ -781,6 +882,11 @@ def measure_row(
         per_round = f", rounds {result['rounds']}" if rounds > 1 else ""
         if len(result.get("gemm_probes", [])) > 1:  # `anchor_rate` probed again
             per_round += f", GEMM probes {result['gemm_probes']}"
+        if result.get("numba_compiled"):  # the compile pass missed some: warm-up went on
+            per_round += (
+                f", compiled {result['numba_compiled']} functions "
+                f"({result['numba_compile_s']:.0f} s)"
+            )
         log(
             f"  {spec.label} {mode} b{batch} {framework}: {result['img_s']:.2f} img/s, "
             f"{result['rss_mb']:.0f} MB, {result['iters']} timed runs, GEMM "
@@ -909,9 +1015,10 @@ def detail_lines(details: dict) -> list[str]:
     return lines
 
 
-def time_lines(details: dict, wall_s: float) -> list[str]:
+def time_lines(details: dict, wall_s: float, warm_s: float = 0.0) -> list[str]:
     """Where the run's wall time went: each phase of the children summed over configurations,
-    the children's start, page touching and exit, and the rest (this process and the zygotes)."""
+    the children's start, page touching and exit, the kernel-compiling pass (`warm_s`), and the
+    rest (this process and the zygotes)."""
     phases, children = Counter(), 0.0
     for results in details.values():
         for result in results:
@@ -919,9 +1026,11 @@ def time_lines(details: dict, wall_s: float) -> list[str]:
             phases.update(result.get("phases", {}))
     parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())
     outside = children - sum(phases.values())
+    warm = f"{warm_s:.0f} s compiling minivit's kernels first, " if warm_s else ""
     return [
         f"wall time {wall_s:.0f} s: {children:.0f} s in configurations ({parts}; {outside:.0f} s "
-        f"to start, touch pages and exit), {wall_s - children:.0f} s in this process and zygotes"
+        f"to start, touch pages and exit), {warm}{wall_s - children - warm_s:.0f} s in this "
+        "process and zygotes"
     ]
 
 
@@ -963,6 +1072,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--step-gflop", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--warm", help=argparse.SUPPRESS)  # JSON [[mode, batch], ...]
     args = parser.parse_args(argv)
     if args.budget is None:
         args.budget = 1.5 if args.quick else 2.0
@@ -977,6 +1087,46 @@ def plan(args: argparse.Namespace) -> list[tuple[Spec, str, int]]:
     if args.quick:
         return [(s, m, b) for s in chosen if s.label in QUICK for m, b in QUICK[s.label]]
     return [(s, m, b) for s in chosen for m, b in CONFIGS + EXTRA_CONFIGS.get(s.label, ())]
+
+
+def warm_plan(configs: list[tuple[Spec, str, int]]) -> list[tuple[Spec, list]]:
+    """The kernel-compiling pass for `configs`: per model, in table order, one step of each
+    mode at batch 1 where a row runs batch 1 (some views are contiguous only there, and Numba
+    compiles a function once per array layout) and at `WARM_BATCH` for the larger batches."""
+    plans: dict[str, tuple[Spec, list]] = {}
+    for spec, mode, batch in configs:
+        steps = plans.setdefault(spec.label, (spec, []))[1]
+        wanted = [mode, min(batch, WARM_BATCH)]
+        if wanted not in steps:
+            steps.append(wanted)
+    return list(plans.values())
+
+
+def warm_kernels(runner: Runner, configs: list[tuple[Spec, str, int]]) -> tuple[list[str], float]:
+    """Compile minivit's kernels into Numba's cache before the table (CPU only: CUDA kernels are
+    compiled in every process, in its first step, a warm-up step); its footer lines and wall
+    seconds."""
+    if "minivit" not in runner.frameworks or runner.args.device != "cpu":
+        return [], 0.0
+    started, compiled, seconds, failed = time.perf_counter(), 0, 0.0, []
+    for spec, steps in warm_plan(configs):
+        result = runner.warm(spec, steps)
+        if "error" in result:  # its rows will fail (or compile) on their own and say so
+            failed.append(f"{spec.label}: {result['error']}")
+            continue
+        compiled += result["numba_compiled"]
+        seconds += result["numba_compile_s"]
+    took = time.perf_counter() - started
+    if compiled:
+        line = (
+            f"minivit kernels compiled before the table: {compiled} functions in {seconds:.0f} s "
+            f"({took:.0f} s with the untimed steps that called them); the measured children "
+            "load them from Numba's cache"
+        )
+    else:
+        line = f"minivit kernels: all in Numba's cache already (the compile pass took {took:.0f} s)"
+    log(line)
+    return [line] + [f"minivit compile pass FAILED for {f}" for f in failed], took
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1002,9 +1152,9 @@ def main(argv: list[str] | None = None) -> None:
             "has them"
         )
         sys.exit(2)
-    rows, details = [], {}
-    configs = plan(args)
+    rows, details, configs = [], {}, plan(args)
     try:
+        warmed, warm_s = warm_kernels(runner, configs)
         for spec, mode, batch in configs:
             turns = rounds_for(mode, batch, args.rounds)
             rows.append(measure_row(spec, mode, batch, runner, details, turns))
@@ -1021,10 +1171,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.device == "cpu"
         else ["the issue's goals are for the CPU table; this GPU table is reported as measured"]
     )
-    for line in detail_lines(details) + goals:
+    for line in detail_lines(details) + warmed + goals:
         text(line)
     text(f"load average at end: {os.getloadavg()[0]:.2f}")
-    for line in time_lines(details, time.perf_counter() - started):
+    for line in time_lines(details, time.perf_counter() - started, warm_s):
         text(line)
     if args.json:
         _common.emit_json(rows, JSON_KEYS)

@@ -277,3 +277,112 @@ def test_step_gflop_is_the_configs_flops_times_the_batch():
     assert args.step_gflop == 2.5
     request = step._request("ViT-S/16", "train", 32, args, 2.0, True, 2.5)
     assert request["step_gflop"] == 2.5
+
+
+def compiling(counter: list, compiles: list[int]):
+    """A `compiled` callback and a step hook: the n-th step compiles compiles[n] functions."""
+    steps = []
+
+    def hook():
+        counter[0] += compiles[len(steps)] if len(steps) < len(compiles) else 0
+        steps.append(1)
+
+    return (lambda: counter[0]), hook
+
+
+def test_a_warm_up_step_that_compiled_is_followed_by_another(clock):
+    """The step after one that compiled is slow too, so it is not the one timed."""
+    counter = [0]
+    compiled, hook = compiling(counter, [12, 0])
+    run, calls = stepping(clock, [35.0, 2.55, 2.3])
+    timed = lambda: (hook(), run())  # noqa: E731
+    seconds, iters = step.time_steps(timed, 1, 2.0, 2, 10, compiled=compiled)
+    assert (seconds, iters, len(calls)) == (pytest.approx(2.3), 1, 3)  # 2 warm-up, 1 timed
+
+
+def test_settling_stops_after_settle_steps_and_without_compiles(clock):
+    counter = [0]
+    compiled, hook = compiling(counter, [3, 2, 1, 1])  # every warm-up step compiles
+    run, calls = stepping(clock, [0.5])
+    step.time_steps(lambda: (hook(), run()), 1, 2.0, 2, 10, compiled=compiled)
+    assert len(calls) == 1 + step.SETTLE_STEPS + 4  # 4 timed runs of 0.5 s fill the budget
+    counter = [0]
+    compiled, hook = compiling(counter, [0])  # a warm cache: no extra step
+    run, calls = stepping(clock, [0.5])
+    step.time_steps(lambda: (hook(), run()), 1, 2.0, 2, 10, compiled=compiled)
+    assert len(calls) == 1 + 4
+
+
+def test_compile_watch_counts_numba_compiles_once_each():
+    import numba  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    @numba.njit(cache=False)
+    def inner(x):
+        return x * 2.0
+
+    @numba.njit(cache=False)
+    def outer(x):
+        return inner(x).sum()
+
+    watch = step.CompileWatch()
+    try:
+        assert outer(np.ones(3)) == 6.0
+        assert watch.count == 1 and watch.seconds > 0  # inner compiled inside outer: one
+        outer(np.ones(4))
+        assert watch.count == 1  # the same types: no compile
+        outer(np.ones(3, np.float32))
+        assert watch.count == 2  # new types: one more
+    finally:
+        watch.close()
+    outer(np.ones(2, np.int64))
+    assert watch.count == 2  # closed: no longer listening
+
+
+def test_warm_plan_runs_each_mode_at_batch_one_and_four_per_model():
+    args = step.parse_args([])
+    plans = {spec.label: steps for spec, steps in step.warm_plan(step.plan(args))}
+    assert list(plans) == [s.label for s in step.SPECS]
+    for steps in plans.values():  # ViT-B/16's batch-8 training row adds nothing
+        assert steps == [["inference", 1], ["inference", 4], ["train", 4]]
+    quick = step.warm_plan(step.plan(step.parse_args(["--quick"])))
+    assert [(s.label, steps) for s, steps in quick] == [
+        ("ViT-Ti/16", [["inference", 1], ["inference", 4], ["train", 4]]),
+        ("ViT-S/16", [["inference", 4], ["train", 4]]),
+    ]
+
+
+class WarmRunner:
+    def __init__(self, results, frameworks=("minivit", "torch"), device="cpu"):
+        self.results, self.frameworks, self.calls = list(results), list(frameworks), []
+        self.args = step.parse_args(["--device", device])
+
+    def warm(self, spec, steps):
+        self.calls.append(spec.label)
+        return self.results.pop(0)
+
+
+def test_warm_kernels_sums_the_compile_pass_and_names_a_failed_model():
+    spec = step.SPECS[0]
+    compiled = dict(numba_compiled=20, numba_compile_s=18.4, warm_s=25.0)
+    runner = WarmRunner([compiled, {"error": "child died"}])
+    configs = [(spec, "inference", 1), (step.SPECS[4], "train", 32)]
+    lines, took = step.warm_kernels(runner, configs)
+    assert runner.calls == ["ViT-Ti/16", "R26+S/32"] and took >= 0
+    assert lines[0].startswith("minivit kernels compiled before the table: 20 functions in 18 s")
+    assert lines[1] == "minivit compile pass FAILED for R26+S/32: child died"
+    warm = WarmRunner([dict(numba_compiled=0, numba_compile_s=0.0, warm_s=9.0)])
+    (line,), _ = step.warm_kernels(warm, configs[:1])
+    assert line.startswith("minivit kernels: all in Numba's cache already")
+
+
+def test_warm_kernels_is_skipped_without_minivit_or_on_the_gpu():
+    configs = [(step.SPECS[0], "inference", 1)]
+    assert step.warm_kernels(WarmRunner([], frameworks=["torch"]), configs) == ([], 0.0)
+    assert step.warm_kernels(WarmRunner([], device="cuda"), configs) == ([], 0.0)
+
+
+def test_time_lines_name_the_compile_pass():
+    details = {"minivit": [{"child_s": 10.0, "phases": {"setup": 1.0, "timed": 8.0}}]}
+    (line,) = step.time_lines(details, 40.0, 25.0)
+    assert line.endswith("25 s compiling minivit's kernels first, 5 s in this process and zygotes")

@@ -150,3 +150,22 @@ def test_step_bench_forks_and_fresh_children_agree():
         # timed step past the 0.05 s budget (CI read 1 run here), so the count is the timer's
         assert result["iters"] >= 1 and result["img_s"] > 0 and result["gemm_gflops"] > 0
     assert abs(forked["rss_mb"] - alone["rss_mb"]) < 0.1 * alone["rss_mb"], (forked, alone)
+
+
+def test_the_compile_pass_runs_forked_and_fresh():
+    """`Runner.warm`: the untimed steps in a minivit child, through the zygote and through a
+    fresh interpreter (`--fresh`, the `--warm` argument), each reporting what Numba compiled."""
+    import step  # noqa: PLC0415
+
+    spec = next(s for s in step.SPECS if s.label == "ViT-Ti/16")
+    for fresh in (True, False):
+        args = step.parse_args(["--frameworks", "minivit", "--threads", "2"])
+        args.fresh = fresh
+        runner = step.Runner(args.frameworks, args)
+        try:
+            result = runner.warm(spec, [["inference", 1]])
+        finally:
+            runner.close()
+        assert "error" not in result, result
+        assert isinstance(result["numba_compiled"], int) and result["numba_compiled"] >= 0
+        assert result["warm_s"] >= result["numba_compile_s"] >= 0.0
