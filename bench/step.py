@@ -7,7 +7,8 @@ runs alone in a process of its own, forked from a zygote that has imported its f
 (`_zygote.py`; `--fresh`: a fresh interpreter each), so its peak resident memory (VmHWM, read
 when the timed steps end) is its own. Warm-up steps are not timed (JAX's compile time is
 reported apart); the figure is the median of the timed steps. Before the table, one minivit
-child per model runs an untimed step of each mode at batch 1 and 4 (`warm_minivit`), so that
+child per model runs untimed steps (`warm_minivit`: inference at batch 1 where the table has
+such a row, each mode at batch 4), so that
 Numba compiles minivit's kernels into its on-disk cache there (30-40 s on a fresh checkout,
 about 9 s when the cache is warm) and no measured child carries the compiler in its time or
 its peak memory. Batch-1 inference rows run `--rounds` processes per framework (default 2),
@@ -213,9 +214,11 @@ def time_steps(
 
 
 class CompileWatch:
-    """The functions Numba compiles in this process from now on (cache misses: a function its
-    on-disk cache holds loads without compiling), and the wall seconds spent on them; a
-    function compiled while another compiles counts once, inside the outer one."""
+    """The compiles Numba starts in this process from now on (cache misses: a function its
+    on-disk cache holds loads without compiling; a compile that fails counts too), and their
+    wall seconds (not the writing of the cache file, which follows); a function compiled while
+    another compiles counts once, inside the outer one. A context manager: listening stops on
+    leaving it."""
 
     def __init__(self):
         from numba.core import event  # noqa: PLC0415  (the minivit child's, not the parent's)
@@ -240,6 +243,12 @@ class CompileWatch:
 
     def close(self) -> None:
         self._event.unregister("numba:compile", self._listener)
+
+    def __enter__(self) -> CompileWatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def gemm_rate(matmul: Callable[[], object], n: int = GEMM_SIZE, repeats: int = 7) -> float:
@@ -347,7 +356,7 @@ def run_minivit(
     `device` "cuda" the model, images and labels on the first GPU (CuPy), each step waited for.
     The result counts the CPU functions Numba compiled in this process (none where
     `warm_minivit` filled the cache first); Numba's CUDA kernels compile in every process's
-    first step, a warm-up step, and are not counted (their dispatcher reports no event)."""
+    first step, a warm-up step, and are not counted (they do not report to `numba.core.event`)."""
     importlib.import_module("minivit")  # before NumPy loads OpenBLAS: minivit/__init__.py
     import numba  # noqa: PLC0415
 
@@ -355,19 +364,18 @@ def run_minivit(
     from minivit.kernels import _blas  # noqa: PLC0415
     from minivit.models import create_model  # noqa: PLC0415
 
-    watch = CompileWatch()
-    model = create_model(spec.name, num_classes=CLASSES, image_size=IMAGE_SIZE)
-    images, labels = batch_data(batch)
-    sync: Callable[[], object] = lambda: None  # noqa: E731
-    if device == "cuda":
-        model.to("cuda:0")  # a one-sentence error where CuPy or the GPU is missing
-        cp = model.device.xp
-        images, labels = model.device.put(images), model.device.put(labels)
-        sync = cp.cuda.Device().synchronize
-    step = _minivit_step(model, mode, images, labels, sync)
-    plan = _timing_plan(mode, batch, budget_s)
-    seconds, iters = time_steps(step, **plan, phases=phases, compiled=lambda: watch.count)
-    watch.close()
+    with CompileWatch() as watch:
+        model = create_model(spec.name, num_classes=CLASSES, image_size=IMAGE_SIZE)
+        images, labels = batch_data(batch)
+        sync: Callable[[], object] = lambda: None  # noqa: E731
+        if device == "cuda":
+            model.to("cuda:0")  # a one-sentence error where CuPy or the GPU is missing
+            cp = model.device.xp
+            images, labels = model.device.put(images), model.device.put(labels)
+            sync = cp.cuda.Device().synchronize
+        step = _minivit_step(model, mode, images, labels, sync)
+        plan = _timing_plan(mode, batch, budget_s)
+        seconds, iters = time_steps(step, **plan, phases=phases, compiled=lambda: watch.count)
     if device == "cuda":  # the bytes CuPy's pool holds: it keeps what it once allocated
         rss_mb = cp.get_default_memory_pool().total_bytes() / 2**20
         probe = lambda: device_gemm_rate(cp, kernels.matmul, sync)  # noqa: E731
@@ -393,7 +401,7 @@ def run_minivit(
     )
 
 
-def warm_minivit(spec: Spec, steps: list) -> dict:
+def warm_minivit(spec: Spec, steps: list[list]) -> dict:
     """One untimed step of `spec` for each (mode, batch) of `steps`, on the CPU: the pass that
     fills Numba's on-disk cache (next to minivit's sources) before any measured child, so none
     of them carries the compiler in its time or its peak memory. The functions it compiled and
@@ -401,12 +409,12 @@ def warm_minivit(spec: Spec, steps: list) -> dict:
     importlib.import_module("minivit")  # before NumPy loads OpenBLAS, as in `run_minivit`
     from minivit.models import create_model  # noqa: PLC0415
 
-    watch, started = CompileWatch(), time.perf_counter()
-    model = create_model(spec.name, num_classes=CLASSES, image_size=IMAGE_SIZE)
-    for mode, batch in steps:
-        images, labels = batch_data(batch)
-        _minivit_step(model, mode, images, labels, lambda: None)()
-    watch.close()
+    started = time.perf_counter()
+    with CompileWatch() as watch:
+        model = create_model(spec.name, num_classes=CLASSES, image_size=IMAGE_SIZE)
+        for mode, batch in steps:  # [mode, batch] pairs (`warm_plan`)
+            images, labels = batch_data(batch)
+            _minivit_step(model, mode, images, labels, lambda: None)()
     return dict(
         numba_compiled=watch.count,
         numba_compile_s=watch.seconds,
@@ -618,7 +626,7 @@ def run_config(framework: str, request: dict) -> dict:
     on "cuda" the GPU memory the framework's allocator held), the framework's GEMM rate or
     None. A request with `warm` (a list of [mode, batch]) runs `warm_minivit` instead."""
     spec = next(s for s in SPECS if s.label == request["model"])
-    if request.get("warm"):
+    if "warm" in request:
         return warm_minivit(spec, request["warm"])
     mode, batch, budget = request["mode"], request["batch"], request["budget"]
     device, phases = request.get("device", "cpu"), Phases()
@@ -674,7 +682,7 @@ def child_main(args: argparse.Namespace) -> None:
     request = _request(
         args.model, args.mode, args.batch, args, args.budget, not args.no_probe, args.step_gflop
     )
-    if args.warm:
+    if args.warm is not None:
         request["warm"] = json.loads(args.warm)
     print(json.dumps(run_config(args.child, request)))
 
@@ -775,7 +783,7 @@ class Runner:
             return self.zygotes[framework].run(request)
         return fresh_child(framework, spec, mode, batch, self.args, budget, probe, gflop)
 
-    def warm(self, spec: Spec, steps: list) -> dict:
+    def warm(self, spec: Spec, steps: list[list]) -> dict:
         """`warm_minivit` of `spec` over `steps` in a minivit child: its result or {"error"}."""
         if not self.args.fresh:
             request = _request(spec.label, "warm", 0, self.args, 0.0, False)
@@ -796,7 +804,7 @@ def fresh_child(
     budget: float,
     probe: bool,
     gflop: float = 0.0,
-    warm: list | None = None,
+    warm: list[list] | None = None,
 ) -> dict:
     """One configuration (or with `warm`, the kernel-compiling pass) in a fresh interpreter;
     its JSON result, or {"error": ...}."""
@@ -805,7 +813,7 @@ def fresh_child(
     command += ["--budget", str(budget), "--threads", str(args.threads)]
     command += ["--device", args.device, "--step-gflop", str(gflop)]
     command += [] if probe else ["--no-probe"]
-    command += ["--warm", json.dumps(warm)] if warm else []
+    command += ["--warm", json.dumps(warm)] if warm is not None else []
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, check=False, timeout=CHILD_TIMEOUT_S
@@ -882,7 +890,8 @@ def measure_row(
         per_round = f", rounds {result['rounds']}" if rounds > 1 else ""
         if len(result.get("gemm_probes", [])) > 1:  # `anchor_rate` probed again
             per_round += f", GEMM probes {result['gemm_probes']}"
-        if result.get("numba_compiled"):  # the compile pass missed some: warm-up went on
+        if result.get("numba_compiled"):  # compiled in this child (the pass missed them or
+            # did not run: on cuda), its warm-up steps going on until one compiled nothing
             per_round += (
                 f", compiled {result['numba_compiled']} functions "
                 f"({result['numba_compile_s']:.0f} s)"
@@ -1026,7 +1035,7 @@ def time_lines(details: dict, wall_s: float, warm_s: float = 0.0) -> list[str]:
             phases.update(result.get("phases", {}))
     parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())
     outside = children - sum(phases.values())
-    warm = f"{warm_s:.0f} s compiling minivit's kernels first, " if warm_s else ""
+    warm = f"{warm_s:.0f} s in minivit's compile pass, " if warm_s else ""
     return [
         f"wall time {wall_s:.0f} s: {children:.0f} s in configurations ({parts}; {outside:.0f} s "
         f"to start, touch pages and exit), {warm}{wall_s - children - warm_s:.0f} s in this "
@@ -1104,18 +1113,26 @@ def warm_plan(configs: list[tuple[Spec, str, int]]) -> list[tuple[Spec, list]]:
 
 def warm_kernels(runner: Runner, configs: list[tuple[Spec, str, int]]) -> tuple[list[str], float]:
     """Compile minivit's kernels into Numba's cache before the table (CPU only: CUDA kernels are
-    compiled in every process, in its first step, a warm-up step); its footer lines and wall
-    seconds."""
+    compiled in every process, in its first step, a warm-up step), one child per model, each
+    logged as it ends; the footer lines (the sum, and any model whose child failed) and the
+    pass's wall seconds."""
     if "minivit" not in runner.frameworks or runner.args.device != "cpu":
         return [], 0.0
+    log("compiling minivit's kernels into Numba's cache first: one untimed child per model")
     started, compiled, seconds, failed = time.perf_counter(), 0, 0.0, []
     for spec, steps in warm_plan(configs):
+        begun = time.perf_counter()
         result = runner.warm(spec, steps)
         if "error" in result:  # its rows will fail (or compile) on their own and say so
-            failed.append(f"{spec.label}: {result['error']}")
+            failed.append(f"minivit compile pass FAILED for {spec.label}: {result['error']}")
+            log(f"  {failed[-1]}")
             continue
         compiled += result["numba_compiled"]
         seconds += result["numba_compile_s"]
+        log(
+            f"  {spec.label} compile pass: {result['numba_compiled']} functions compiled in "
+            f"{result['numba_compile_s']:.0f} s ({time.perf_counter() - begun:.0f} s)"
+        )
     took = time.perf_counter() - started
     if compiled:
         line = (
@@ -1123,10 +1140,11 @@ def warm_kernels(runner: Runner, configs: list[tuple[Spec, str, int]]) -> tuple[
             f"({took:.0f} s with the untimed steps that called them); the measured children "
             "load them from Numba's cache"
         )
+    elif failed:
+        line = f"minivit compile pass: the models whose child ran compiled nothing ({took:.0f} s)"
     else:
         line = f"minivit kernels: all in Numba's cache already (the compile pass took {took:.0f} s)"
-    log(line)
-    return [line] + [f"minivit compile pass FAILED for {f}" for f in failed], took
+    return [line, *failed], took
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1153,6 +1171,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(2)
     rows, details, configs = [], {}, plan(args)
+    warmed, warm_s = [], 0.0
     try:
         warmed, warm_s = warm_kernels(runner, configs)
         for spec, mode, batch in configs:

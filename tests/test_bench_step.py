@@ -363,17 +363,29 @@ class WarmRunner:
 
 
 def test_warm_kernels_sums_the_compile_pass_and_names_a_failed_model():
-    spec = step.SPECS[0]
-    compiled = dict(numba_compiled=20, numba_compile_s=18.4, warm_s=25.0)
-    runner = WarmRunner([compiled, {"error": "child died"}])
-    configs = [(spec, "inference", 1), (step.SPECS[4], "train", 32)]
+    specs = step.SPECS
+    runner = WarmRunner(
+        [
+            dict(numba_compiled=20, numba_compile_s=18.4, warm_s=25.0),
+            {"error": "child died"},
+            dict(numba_compiled=11, numba_compile_s=12.3, warm_s=14.0),
+        ]
+    )
+    configs = [(specs[0], "inference", 1), (specs[4], "train", 32), (specs[1], "train", 32)]
     lines, took = step.warm_kernels(runner, configs)
-    assert runner.calls == ["ViT-Ti/16", "R26+S/32"] and took >= 0
-    assert lines[0].startswith("minivit kernels compiled before the table: 20 functions in 18 s")
-    assert lines[1] == "minivit compile pass FAILED for R26+S/32: child died"
-    warm = WarmRunner([dict(numba_compiled=0, numba_compile_s=0.0, warm_s=9.0)])
-    (line,), _ = step.warm_kernels(warm, configs[:1])
+    assert runner.calls == ["ViT-Ti/16", "R26+S/32", "ViT-S/16"] and took >= 0
+    assert lines[0].startswith("minivit kernels compiled before the table: 31 functions in 31 s")
+    assert lines[1:] == ["minivit compile pass FAILED for R26+S/32: child died"]
+
+
+def test_warm_kernels_says_cached_only_when_every_child_ran():
+    configs = [(step.SPECS[0], "inference", 1), (step.SPECS[1], "inference", 1)]
+    nothing = dict(numba_compiled=0, numba_compile_s=0.0, warm_s=4.0)
+    (line,), _ = step.warm_kernels(WarmRunner([nothing, dict(nothing)]), configs)
     assert line.startswith("minivit kernels: all in Numba's cache already")
+    lines, _ = step.warm_kernels(WarmRunner([nothing, {"error": "child died"}]), configs)
+    assert lines[0].startswith("minivit compile pass: the models whose child ran compiled nothing")
+    assert lines[1] == "minivit compile pass FAILED for ViT-S/16: child died"
 
 
 def test_warm_kernels_is_skipped_without_minivit_or_on_the_gpu():
@@ -385,4 +397,4 @@ def test_warm_kernels_is_skipped_without_minivit_or_on_the_gpu():
 def test_time_lines_name_the_compile_pass():
     details = {"minivit": [{"child_s": 10.0, "phases": {"setup": 1.0, "timed": 8.0}}]}
     (line,) = step.time_lines(details, 40.0, 25.0)
-    assert line.endswith("25 s compiling minivit's kernels first, 5 s in this process and zygotes")
+    assert line.endswith("25 s in minivit's compile pass, 5 s in this process and zygotes")

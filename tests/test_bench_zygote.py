@@ -158,14 +158,15 @@ def test_the_compile_pass_runs_forked_and_fresh():
     import step  # noqa: PLC0415
 
     spec = next(s for s in step.SPECS if s.label == "ViT-Ti/16")
-    for fresh in (True, False):
+    results = {}
+    for fresh in (True, False):  # the fresh pass fills the cache on a clean checkout
         args = step.parse_args(["--frameworks", "minivit", "--threads", "2"])
         args.fresh = fresh
         runner = step.Runner(args.frameworks, args)
         try:
-            result = runner.warm(spec, [["inference", 1]])
+            results[fresh] = runner.warm(spec, [["inference", 1]])
         finally:
             runner.close()
-        assert "error" not in result, result
-        assert isinstance(result["numba_compiled"], int) and result["numba_compiled"] >= 0
-        assert result["warm_s"] >= result["numba_compile_s"] >= 0.0
+        assert "error" not in results[fresh], results[fresh]
+        assert results[fresh]["warm_s"] >= results[fresh]["numba_compile_s"] >= 0.0
+    assert results[False]["numba_compiled"] == 0  # the second pass loads what the first compiled
