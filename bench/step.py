@@ -8,12 +8,11 @@ runs alone in a process of its own, forked from a zygote that has imported its f
 when the timed steps end) is its own. Warm-up steps are not timed (JAX's compile time is
 reported apart); the figure is the median of the timed steps. Before the table, one minivit
 child per model runs untimed steps (`warm_minivit`: inference at batch 1 where the table has
-such a row, each mode at batch 4), so that
-Numba compiles minivit's kernels into its on-disk cache there (30-40 s on a fresh checkout,
-about 9 s when the cache is warm) and no measured child carries the compiler in its time or
-its peak memory. Batch-1 inference rows run `--rounds` processes per framework (default 2),
-the frameworks taking turns, and report the process of median img/s (of two: the faster): this
-guest slows whole processes at a time, not single steps.
+such a row, each mode at batch 4), so that Numba compiles minivit's kernels into its on-disk
+cache there (30-40 s on a fresh checkout, about 9 s when the cache is warm) and no measured
+child carries the compiler in its time or its peak memory. Batch-1 inference rows run `--rounds`
+processes per framework (default 2), the frameworks taking turns, and report the process of
+median img/s (of two: the faster): this guest slows whole processes at a time, not single steps.
 `--device cuda` runs the same table on the first GPU: minivit on CuPy, timm on torch CUDA, JAX on
 its GPU backend, fp32 without TF32, each step waited for, the MB columns the GPU memory each
 framework's allocator held, the GEMM probes 8192^3 products on the GPU.
@@ -192,14 +191,11 @@ def time_steps(
     """
     phases = phases or Phases()
     phases.mark("setup")  # model, data, compile: everything before the first step
-    before = compiled() if compiled else 0
-    for _ in range(warmup):
+    before = compiled() if compiled else 0  # the count before the latest warm-up step
+    for n in range(warmup + (SETTLE_STEPS if compiled else 0)):
+        if n >= warmup and compiled() == before:
+            break  # the latest warm-up step compiled nothing
         before = compiled() if compiled else 0
-        step()
-    for _ in range(SETTLE_STEPS if compiled else 0):
-        if compiled() == before:
-            break
-        before = compiled()
         step()
     phases.mark("warm-up")
     times: list[float] = []
